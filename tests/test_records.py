@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import pickle
 from pathlib import Path
 
 import pyarrow as pa
@@ -148,8 +147,17 @@ def test_parquet_rows_are_numbered(tmp_path):
         read_corpus(path)
 
 
-def test_record_error_survives_pickling():
-    error = pickle.loads(pickle.dumps(RecordError("f.jsonl", 3, "pos", "empty")))
+def _raise_record_error(_):
+    raise RecordError("f.jsonl", 3, "pos", "empty")
+
+
+def test_record_error_crosses_a_worker_process():
+    """DataLoader workers hand exceptions to the parent process; the file, line and field must survive."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool, pytest.raises(RecordError) as caught:
+        pool.map(_raise_record_error, [0])
+    error = caught.value
     assert (error.path, error.line, error.field, str(error)) == ("f.jsonl", 3, "pos", "f.jsonl:3: field 'pos': empty")
 
 
