@@ -1,0 +1,600 @@
+"""The text encoder: a Hugging Face backbone, pooling, an optional linear projection, L2 normalisation.
+
+    Encoder.from_pretrained(dir)   a plain Hugging Face model dir, or a sentence-transformers dir
+                                   (our exports, all-MiniLM-L6-v2, Conan-embedding-v1, ...)
+    encoder(input_ids, mask)       [B, D] pooled (+ projected) (+ normalised) embeddings, for training
+    encoder.encode(texts)          float32 numpy [N, D] in input order, for mining and evaluation
+    encoder.save(dir)              a dir that transformers.AutoModel and SentenceTransformer both load
+
+The saved layout is what sentence-transformers 6.2 writes itself:
+
+    config.json, model.safetensors, tokenizer files   the backbone (AutoModel.from_pretrained(dir))
+    modules.json                                      Transformer "" -> Pooling -> [Dense] -> [Normalize]
+    sentence_bert_config.json                         the Transformer module (max_seq_length)
+    config_sentence_transformers.json
+    1_Pooling/config.json
+    2_Dense/config.json, 2_Dense/model.safetensors    only with a projection (identity activation)
+    N_Normalize/config.json                           only when normalising
+
+Only safetensors is written; nothing is pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from embedlib.progress import progress_task
+
+POOLINGS = ("cls", "mean", "last_token")
+DEFAULT_MAX_LENGTH = 512
+
+# sentence-transformers module types as 6.2 writes them; the legacy `sentence_transformers.models.X`
+# aliases (all-MiniLM-L6-v2, Conan-embedding-v1 on the hub) are read as well.
+_ST_TYPES = {
+    "Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+    "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+    "Dense": "sentence_transformers.base.modules.dense.Dense",
+    "Normalize": "sentence_transformers.base.modules.normalize.Normalize",
+}
+_IDENTITY = "torch.nn.modules.linear.Identity"
+# Our pooling names <-> sentence-transformers pooling_mode names.
+_TO_ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
+_FROM_ST_POOLING = {v: k for k, v in _TO_ST_POOLING.items()}
+_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Files of a model directory that are not part of the model's identity (model_fingerprint).
+_NOT_MODEL_FILES = {"export.json", "README.md"}
+
+
+class EncoderError(ValueError):
+    """A model directory that cannot be loaded as an Encoder, or a bad Encoder argument."""
+
+
+@dataclass
+class EncoderConfig:
+    """How token states become one embedding per text.
+
+    pooling:    "cls" (first attended token), "mean" (mean over attended tokens) or "last_token" (last
+                attended token, for decoder-only models; right for left- and right-padded batches).
+    output_dim: size of the linear projection after pooling (Conan-embedding-v1: 1024 -> 1792);
+                None means no projection and the embedding size is the backbone's hidden size.
+    normalize:  L2-normalise the (projected) embedding, so dot product == cosine similarity.
+    max_length: tokens per text; longer texts are truncated.
+    """
+
+    pooling: str = "mean"
+    output_dim: int | None = None
+    normalize: bool = True
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise EncoderError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if self.output_dim is not None and self.output_dim <= 0:
+            raise EncoderError(f"output_dim must be positive, got {self.output_dim}")
+        if self.max_length <= 0:
+            raise EncoderError(f"max_length must be positive, got {self.max_length}")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, H] token states -> [B, H] with the attended tokens of each row (mask 1 = token, 0 = pad)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        summed = (hidden.to(torch.float32) * mask).sum(dim=1)  # fp32 sums: bf16 loses long texts
+        return (summed / mask.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
+    if pooling == "cls":
+        # The first attended position, so that a left-padded batch still picks the first real token.
+        index = attention_mask.to(torch.int32).argmax(dim=1)
+    elif pooling == "last_token":
+        # The highest attended position: the last real token under left and right padding alike.
+        index = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+    else:
+        raise EncoderError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def truncate_embeddings(embeddings: np.ndarray | torch.Tensor, dim: int):
+    """Matryoshka truncation: keep the first `dim` coordinates of each row and renormalise to unit length."""
+    if not 0 < dim <= embeddings.shape[-1]:
+        raise EncoderError(f"cannot truncate {embeddings.shape[-1]}-dim embeddings to {dim}")
+    head = embeddings[..., :dim]
+    if isinstance(head, torch.Tensor):
+        return F.normalize(head, dim=-1)
+    norms = np.linalg.norm(head, axis=-1, keepdims=True)
+    return (head / np.maximum(norms, 1e-12)).astype(embeddings.dtype, copy=False)
+
+
+class Encoder(nn.Module):
+    """backbone (Hugging Face AutoModel) -> pool -> projection (nn.Linear or None) -> L2 normalise."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, config: EncoderConfig, projection: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        self.projection = projection
+        hidden = backbone.config.hidden_size
+        if projection is not None and (projection.in_features, projection.out_features) != (hidden, config.output_dim):
+            raise EncoderError(
+                f"projection {projection.in_features}->{projection.out_features} does not fit "
+                f"hidden size {hidden} -> output_dim {config.output_dim}"
+            )
+        if projection is None and config.output_dim is not None:
+            raise EncoderError(f"output_dim={config.output_dim} needs a projection")
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        pooling: str | None = None,
+        output_dim: int | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> Encoder:
+        """Load a local model directory: a plain Hugging Face model or a sentence-transformers dir.
+
+        A sentence-transformers dir (anything with modules.json: our exports, all-MiniLM-L6-v2) gives
+        pooling from its Pooling module, the projection from its Dense module, normalize from the presence
+        of a Normalize module and max_length from sentence_bert_config.json. A plain Hugging Face dir gets
+        "last_token" pooling for decoder-only models (config.is_decoder or a *ForCausalLM architecture),
+        else "mean"; normalize=True; max_length = min(512, tokenizer and position limits).
+
+        Explicit arguments override what the directory says. output_dim on a model without a projection
+        adds a new nn.Linear(hidden, output_dim) with PyTorch's default init: seed it before calling
+        (torch.manual_seed) when the run must be reproducible. output_dim different from an existing
+        projection's size is an error (a trained projection cannot be resized).
+
+        dtype is the dtype of the weights (None: float32, the training master copy; encode() picks the
+        compute dtype separately). trust_remote_code is passed to transformers and is off by default.
+        """
+        if pooling is not None and pooling not in POOLINGS:  # before loading gigabytes of weights
+            raise EncoderError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"encoder model directory not found: {root}")
+        if not root.is_dir():
+            raise EncoderError(f"{root}: not a directory (expected a model directory)")
+        st = _read_sentence_transformers_dir(root) if (root / "modules.json").is_file() else None
+        backbone_dir = root / st["backbone_path"] if st else root
+        if not (backbone_dir / "config.json").is_file():
+            raise EncoderError(f"{backbone_dir}: not a model directory (no config.json)")
+
+        hf_config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(
+            backbone_dir, config=hf_config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        )
+        if hasattr(backbone.config, "use_cache"):
+            backbone.config.use_cache = False  # embeddings never decode; a KV cache only costs memory
+        tokenizer = AutoTokenizer.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            # Decoder tokenizers often have no pad token; pads are masked out, so eos serves.
+            if tokenizer.eos_token is None:
+                raise EncoderError(f"{backbone_dir}: tokenizer has neither a pad token nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+
+        if st:
+            found = EncoderConfig(
+                pooling=st["pooling"],
+                output_dim=st["dense"]["weight"].shape[0] if st["dense"] else None,
+                normalize=st["normalize"],
+                max_length=st["max_length"] or _default_max_length(hf_config, tokenizer),
+            )
+        else:
+            found = EncoderConfig(
+                pooling="last_token" if _is_decoder_only(hf_config) else "mean",
+                max_length=_default_max_length(hf_config, tokenizer),
+            )
+        if found.output_dim is not None and output_dim not in (None, found.output_dim):
+            raise EncoderError(
+                f"{root}: has a trained {found.output_dim}-dim projection; output_dim={output_dim} would "
+                "discard it (load without output_dim, or start from the backbone alone)"
+            )
+        config = EncoderConfig(
+            pooling=pooling if pooling is not None else found.pooling,
+            output_dim=output_dim if output_dim is not None else found.output_dim,
+            normalize=normalize if normalize is not None else found.normalize,
+            max_length=max_length if max_length is not None else found.max_length,
+        )
+
+        projection = None
+        if config.output_dim is not None:
+            dense = st["dense"] if st else None
+            projection = nn.Linear(
+                backbone.config.hidden_size, config.output_dim, bias=dense is None or "bias" in dense
+            )
+            if dense is not None:
+                if tuple(dense["weight"].shape) != (config.output_dim, backbone.config.hidden_size):
+                    raise EncoderError(
+                        f"{root}: Dense weight {tuple(dense['weight'].shape)} does not fit hidden size "
+                        f"{backbone.config.hidden_size}"
+                    )
+                projection.load_state_dict(dense)
+            projection.to(dtype=next(backbone.parameters()).dtype)
+        return cls(backbone, tokenizer, config, projection)
+
+    # ---- the model -----------------------------------------------------------------------------------
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.output_dim if self.projection is not None else self.backbone.config.hidden_size
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**inputs).last_hidden_state
+        embeddings = pool(hidden, attention_mask, self.config.pooling)
+        if self.projection is not None:
+            embeddings = self.projection(embeddings)
+        if self.config.normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Padded, truncated batch: input_ids, attention_mask and token_type_ids when the model has them."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.config.max_length,
+            return_tensors="pt",
+        )
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_length: int | None = None,
+        dim: int | None = None,
+        device: str | torch.device | None = None,
+        show_progress: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> np.ndarray:
+        """Embed `texts`: float32 [N, D] (D = dim when given) in the order of `texts`.
+
+        Texts are batched longest first, by character length: a cheap stand-in for token count that
+        needs no extra tokenizer pass over the corpus, and it only decides padding waste, not results.
+        Longest first also means an out-of-memory batch size fails at once rather than at the end.
+
+        device: None = where the model already is when that is a GPU, else cuda when available, else
+        cpu; the model is moved there and stays. dtype: the compute dtype, None = bfloat16 autocast on
+        CUDA and float32 on CPU. dim: Matryoshka truncation to the first `dim` coordinates, renormalised.
+        The model is put in eval mode for the call and returned to its previous mode afterwards.
+        """
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise EncoderError(f"encode: texts[{i}] is {type(text).__name__}, expected str")
+        out_dim = dim if dim is not None else self.embedding_dim
+        if dim is not None and not 0 < dim <= self.embedding_dim:
+            raise EncoderError(f"cannot truncate {self.embedding_dim}-dim embeddings to {dim}")
+        out = np.zeros((len(texts), out_dim), dtype=np.float32)
+        if len(texts) == 0:
+            return out
+
+        device = torch.device(device) if device is not None else self._default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.to(device)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), progress_task("encode", len(texts), disable=not show_progress) as advance:
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    batch = self.tokenize([texts[i] for i in rows], max_length=max_length)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        embeddings = self(**batch)
+                    embeddings = embeddings.to(torch.float32)
+                    if dim is not None:
+                        embeddings = truncate_embeddings(embeddings, dim)
+                    out[rows] = embeddings.cpu().numpy()
+                    advance(len(rows))
+        finally:
+            self.train(was_training)
+        return out
+
+    def _default_device(self) -> torch.device:
+        current = next(self.parameters()).device
+        if current.type != "cpu":
+            return current
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ---- saving --------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the model into `directory` (the caller publishes it atomically).
+
+        state_dict: the full Encoder state dict (keys backbone.* and projection.*), e.g. gathered from
+        ZeRO-3 partitions on rank 0, where this module's own parameters are empty placeholders.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backbone_state, projection_state = self._split_state_dict(state_dict)
+
+        self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        self.tokenizer.save_pretrained(directory)
+        modules = [_module_entry(0, "", "Transformer")]
+        _write_json(
+            directory / "sentence_bert_config.json",
+            {
+                "transformer_task": "feature-extraction",
+                "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+                "module_output_name": "token_embeddings",
+                "max_seq_length": self.config.max_length,
+                "do_lower_case": False,
+            },
+        )
+        pooling_dir = directory / "1_Pooling"
+        pooling_dir.mkdir(exist_ok=True)
+        _write_json(
+            pooling_dir / "config.json",
+            {
+                "embedding_dimension": self.backbone.config.hidden_size,
+                "pooling_mode": _TO_ST_POOLING[self.config.pooling],
+                "include_prompt": True,
+            },
+        )
+        modules.append(_module_entry(1, "1_Pooling", "Pooling"))
+        if self.projection is not None:
+            dense_dir = directory / "2_Dense"
+            dense_dir.mkdir(exist_ok=True)
+            _write_json(
+                dense_dir / "config.json",
+                {
+                    "in_features": self.projection.in_features,
+                    "out_features": self.projection.out_features,
+                    "bias": self.projection.bias is not None,
+                    "activation_function": _IDENTITY,
+                    "module_input_name": "sentence_embedding",
+                    "module_output_name": "sentence_embedding",
+                },
+            )
+            # sentence-transformers' Dense keeps its nn.Linear as `linear`.
+            dense_weights = {f"linear.{k}": v.detach().cpu().contiguous() for k, v in projection_state.items()}
+            save_file(dense_weights, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+            modules.append(_module_entry(2, "2_Dense", "Dense"))
+        if self.config.normalize:
+            idx = len(modules)
+            normalize_dir = directory / f"{idx}_Normalize"
+            normalize_dir.mkdir(exist_ok=True)
+            _write_json(
+                normalize_dir / "config.json",
+                {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
+            )
+            modules.append(_module_entry(idx, f"{idx}_Normalize", "Normalize"))
+        _write_json(directory / "modules.json", modules)
+        _write_json(
+            directory / "config_sentence_transformers.json",
+            {
+                "__version__": _installed_versions(),
+                "default_prompt_name": None,
+                "model_type": "SentenceTransformer",
+                "prompts": {"document": "", "query": ""},
+                "similarity_fn_name": "cosine",
+            },
+        )
+
+    def _split_state_dict(self, state_dict):
+        if state_dict is None:
+            state_dict = self.state_dict()
+        backbone = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        projection = {k[len("projection.") :]: v for k, v in state_dict.items() if k.startswith("projection.")}
+        stray = [k for k in state_dict if not k.startswith(("backbone.", "projection."))]
+        if stray:
+            raise EncoderError(f"save: state_dict keys outside backbone.*/projection.*: {stray[:5]}")
+        expected_projection = set(self.projection.state_dict()) if self.projection is not None else set()
+        if set(projection) != expected_projection:
+            raise EncoderError(
+                f"save: state_dict projection keys {sorted(projection)} != expected {sorted(expected_projection)}"
+            )
+        if not backbone:
+            raise EncoderError("save: state_dict has no backbone.* weights")
+        return backbone, projection
+
+
+# ---- export directories ------------------------------------------------------------------------------
+
+
+def is_encoder_export(path: str | os.PathLike) -> bool:
+    """True for a directory laid out as Encoder.save writes it: modules.json with the Transformer at the
+    root and a Pooling module, config.json and safetensors weights (single file or sharded index)."""
+    root = Path(path)
+    try:
+        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        return False
+    kinds = {(_module_kind(m.get("type", "")), m.get("path")) for m in modules}
+    has_weights = (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()
+    return (
+        ("Transformer", "") in kinds
+        and any(kind == "Pooling" for kind, _ in kinds)
+        and (root / "config.json").is_file()
+        and has_weights
+    )
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 hex over the relative names, sizes and contents of a model directory's files.
+
+    Every file counts (weights, configs, tokenizer) except hidden files and the files that do not
+    change the model (export.json with its timestamp, README.md), so two copies of one export agree
+    and any changed weight changes the fingerprint. Reads every byte: ~1 s per GB.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory not found: {root}")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file()
+        and p.name not in _NOT_MODEL_FILES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise EncoderError(f"{root}: no files to fingerprint")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(root).as_posix()}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _is_decoder_only(hf_config) -> bool:
+    architectures = getattr(hf_config, "architectures", None) or []
+    return bool(getattr(hf_config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def _default_max_length(hf_config, tokenizer) -> int:
+    limits = [DEFAULT_MAX_LENGTH, tokenizer.model_max_length]
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return int(min(limits))
+
+
+def _module_kind(type_name: str) -> str:
+    """'sentence_transformers.models.Pooling' or '...modules.pooling.Pooling' -> 'Pooling'."""
+    return type_name.rsplit(".", 1)[-1]
+
+
+def _read_sentence_transformers_dir(root: Path) -> dict:
+    """Pooling, projection, normalisation and max length from a sentence-transformers directory.
+
+    Only the pipeline Encoder can reproduce is accepted (Transformer -> Pooling -> [Dense with identity
+    activation] -> [Normalize]); anything else is an error rather than a silently different model.
+    """
+    modules_path = root / "modules.json"
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        kinds = [(_module_kind(m["type"]), m["path"]) for m in modules]
+    except (ValueError, KeyError, TypeError) as e:
+        raise EncoderError(f"{modules_path}: not a sentence-transformers modules list ({e})") from e
+    names = [kind for kind, _ in kinds]
+    supported = ["Transformer", "Pooling", "Dense", "Normalize"]
+    if (
+        names[:2] != ["Transformer", "Pooling"]
+        or any(n not in supported for n in names)
+        or names.count("Dense") > 1
+        or names.count("Normalize") > 1
+        or ("Normalize" in names and names[-1] != "Normalize")
+    ):
+        raise EncoderError(
+            f"{modules_path}: unsupported module pipeline {names}; expected "
+            "Transformer, Pooling, optional Dense, optional Normalize"
+        )
+    paths = dict(kinds)
+
+    pooling_config = _read_json(root / paths["Pooling"] / "config.json")
+    mode = pooling_config.get("pooling_mode")
+    if mode is None:  # the pre-6.0 format: one boolean per mode
+        mode = [_LEGACY_POOLING.get(k, k) for k, v in pooling_config.items() if k.startswith("pooling_mode_") and v]
+        mode = mode or ["mean"]
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if not isinstance(mode, str) or mode not in _FROM_ST_POOLING:
+        raise EncoderError(
+            f"{root / paths['Pooling'] / 'config.json'}: field 'pooling_mode': unsupported {mode!r}; "
+            f"expected one of {', '.join(_FROM_ST_POOLING)}"
+        )
+    if pooling_config.get("include_prompt", True) is False:
+        raise EncoderError(f"{root / paths['Pooling'] / 'config.json'}: field 'include_prompt': false is not supported")
+
+    dense = None
+    if "Dense" in paths:
+        dense = _read_dense(root / paths["Dense"])
+
+    transformer_config_path = root / paths["Transformer"] / "sentence_bert_config.json"
+    transformer_config = _read_json(transformer_config_path) if transformer_config_path.is_file() else {}
+    if transformer_config.get("do_lower_case"):
+        raise EncoderError(f"{transformer_config_path}: field 'do_lower_case': true is not supported")
+    return {
+        "backbone_path": paths["Transformer"],
+        "pooling": _FROM_ST_POOLING[mode],
+        "dense": dense,
+        "normalize": "Normalize" in paths,
+        "max_length": transformer_config.get("max_seq_length"),
+    }
+
+
+def _read_dense(dense_dir: Path) -> dict[str, torch.Tensor]:
+    """The nn.Linear state dict (weight, bias) of a sentence-transformers Dense module."""
+    config_path = dense_dir / "config.json"
+    config = _read_json(config_path)
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # Dense's default
+    if activation != _IDENTITY:
+        raise EncoderError(f"{config_path}: field 'activation_function': {activation!r} unsupported, need {_IDENTITY}")
+    if config.get("use_residual"):
+        raise EncoderError(f"{config_path}: field 'use_residual': true is not supported")
+    if (dense_dir / "model.safetensors").is_file():
+        weights = load_file(str(dense_dir / "model.safetensors"))
+    elif (dense_dir / "pytorch_model.bin").is_file():  # older hub models, e.g. Conan-embedding-v1
+        weights = torch.load(dense_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise EncoderError(f"{dense_dir}: Dense module has no model.safetensors")
+    state = {k.removeprefix("linear."): v for k, v in weights.items()}
+    if "weight" not in state or set(state) - {"weight", "bias"}:
+        raise EncoderError(f"{dense_dir}: Dense weights {sorted(weights)}; expected linear.weight[, linear.bias]")
+    if tuple(state["weight"].shape) != (config.get("out_features"), config.get("in_features")):
+        raise EncoderError(
+            f"{dense_dir}: weight shape {tuple(state['weight'].shape)} != config "
+            f"(out_features, in_features) = ({config.get('out_features')}, {config.get('in_features')})"
+        )
+    return state
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EncoderError(f"{path}: missing") from None
+    except ValueError as e:
+        raise EncoderError(f"{path}: not valid JSON ({e})") from e
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _module_entry(idx: int, path: str, kind: str) -> dict:
+    return {"idx": idx, "name": str(idx), "path": path, "type": _ST_TYPES[kind]}
+
+
+def _installed_versions() -> dict[str, str]:
+    versions = {"pytorch": torch.__version__}
+    for key, dist in (("sentence_transformers", "sentence-transformers"), ("transformers", "transformers")):
+        try:
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
