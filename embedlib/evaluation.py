@@ -1,0 +1,134 @@
+"""Evaluation of an embedding model: retrieval (BEIR layout) and STS (scored pairs).
+
+Retrieval searches the whole corpus exactly and reports nDCG@10, Recall@k and MRR@10 with the
+definitions trec_eval (and so BEIR and MTEB) uses: linear gain, log2 discount, relevance > 0 counts.
+STS reports the Spearman correlation of cosine similarity with the gold score.
+
+    python -m embedlib.evaluation --model DIR --beir data/scifact --split dev
+    python -m embedlib.evaluation --model DIR --sts ../shared/data/stsb_en/dev.tsv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedlib.records import Document, Query, ScoredPair, read_corpus, read_qrels, read_queries, read_scored_pairs
+
+RECALL_CUTOFFS = (10, 100)
+
+
+@dataclass(frozen=True)
+class BeirSplit:
+    """A BEIR-layout directory: corpus.jsonl(.gz), queries.<split>.jsonl, qrels.<split>.tsv."""
+
+    corpus: list[Document]
+    queries: list[Query]
+    qrels: dict[str, dict[str, int]]
+
+    @classmethod
+    def load(cls, directory: str | Path, split: str) -> "BeirSplit":
+        directory = Path(directory)
+        corpus_file = next((p for p in (directory / "corpus.jsonl.gz", directory / "corpus.jsonl") if p.exists()), None)
+        if corpus_file is None:
+            raise FileNotFoundError(f"{directory}: no corpus.jsonl or corpus.jsonl.gz")
+        qrels = read_qrels(directory / f"qrels.{split}.tsv")
+        # Only queries with at least one relevant document are evaluated, as in BEIR.
+        queries = [q for q in read_queries(directory / f"queries.{split}.jsonl") if any(v > 0 for v in qrels.get(q.id, {}).values())]
+        return cls(corpus=read_corpus(corpus_file), queries=queries, qrels=qrels)
+
+
+def ranking_metrics(ranked_doc_ids: list[list[str]], query_ids: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean nDCG@10, MRR@10 and Recall@k over queries, from each query's ranked document ids."""
+    ndcg, mrr = [], []
+    recall: dict[int, list[float]] = {k: [] for k in RECALL_CUTOFFS}
+    for qid, ranked in zip(query_ids, ranked_doc_ids, strict=True):
+        relevance = {d: r for d, r in qrels.get(qid, {}).items() if r > 0}
+        if not relevance:
+            continue
+        dcg = sum(relevance.get(d, 0) / math.log2(rank + 2) for rank, d in enumerate(ranked[:10]))
+        ideal = sum(r / math.log2(rank + 2) for rank, r in enumerate(sorted(relevance.values(), reverse=True)[:10]))
+        ndcg.append(dcg / ideal)
+        first_hit = next((rank for rank, d in enumerate(ranked[:10]) if d in relevance), None)
+        mrr.append(0.0 if first_hit is None else 1.0 / (first_hit + 1))
+        for k in RECALL_CUTOFFS:
+            recall[k].append(len(relevance.keys() & set(ranked[:k])) / len(relevance))
+    metrics = {"ndcg@10": float(np.mean(ndcg)), "mrr@10": float(np.mean(mrr))}
+    metrics.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
+    metrics["num_queries"] = len(ndcg)
+    return metrics
+
+
+def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True) -> dict[str, float]:
+    """Encode corpus and queries with `encoder` (an embedlib.encoder.Encoder), search exactly, score."""
+    from embedlib.search import exact_search
+
+    doc_emb = encoder.encode([d.passage for d in split.corpus], batch_size=batch_size, show_progress=show_progress)
+    query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size, show_progress=show_progress)
+    _, ids = exact_search(doc_emb, query_emb, k=min(max(RECALL_CUTOFFS), len(split.corpus)))
+    ranked = [[split.corpus[i].id for i in row if i >= 0] for row in ids]
+    return ranking_metrics(ranked, [q.id for q in split.queries], split.qrels)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+    return float(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1])
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0
+        start = end + 1
+    return ranks
+
+
+def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True) -> dict[str, float]:
+    first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress)
+    second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress)
+    cosine = np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+    return {"spearman": spearman(cosine, np.array([p.score for p in pairs], dtype=np.float64)), "num_pairs": len(pairs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate an embedding model directory.")
+    parser.add_argument("--model", required=True, help="encoder export or Hugging Face model directory")
+    parser.add_argument("--beir", type=Path, help="BEIR-layout directory for retrieval evaluation")
+    parser.add_argument("--split", default="dev", help="split name of queries.<split>.jsonl and qrels.<split>.tsv")
+    parser.add_argument("--sts", type=Path, help="scored sentence pairs (tsv or jsonl) for STS evaluation")
+    parser.add_argument("--query-instruction", default="", help="prefix added to every query")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if not args.beir and not args.sts:
+        parser.error("give --beir DIR and/or --sts FILE")
+
+    from embedlib.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(args.model)
+    results: dict[str, dict] = {}
+    if args.beir:
+        split = BeirSplit.load(args.beir, args.split)
+        results["retrieval"] = evaluate_retrieval(encoder, split, batch_size=args.batch_size, query_instruction=args.query_instruction)
+    if args.sts:
+        results["sts"] = evaluate_sts(encoder, read_scored_pairs(args.sts), batch_size=args.batch_size)
+    text = json.dumps({"model": str(args.model), **results}, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
