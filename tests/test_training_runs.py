@@ -1,0 +1,167 @@
+"""The trainer end to end: real launchers (deepspeed, torchrun), 2 CPU ranks over gloo, real DeepSpeed
+ZeRO 1/2/3 on a tiny BERT and a slice of SciFact; preemption, resume equivalence, exports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedlib.exports import list_exports
+from training.checkpoint import list_checkpoints, tag_of
+from training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICKSTART = REPO / "training" / "recipes" / "quickstart.yaml"
+PROBES = ["Aspirin lowers the risk of heart attacks.", "Stem cells divide.", "A short query"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(launcher: str, run_dir: Path, model: Path, overrides: list[str], resume: bool = False) -> list[str]:
+    port = str(_free_port())
+    if launcher == "deepspeed":
+        head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    else:
+        head = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+    args = ["training/main.py", "--config", str(QUICKSTART), *(["--resume"] if resume else []),
+            f"run_dir={run_dir}", f"model.path={model}", "model.max_length=32",
+            "data.0.limit=8", "data.0.batch_size=4", "train.num_workers=0", "optim.lr=1e-3",
+            "optim.warmup_steps=1", "optim.schedule=constant", "train.save_every=0", "train.export_every=0",
+            *overrides]
+    return head + args
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(launcher, run_dir, model, overrides, resume=False) -> None:
+    result = subprocess.run(_command(launcher, run_dir, model, overrides, resume), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    return [r["loss"] for r in records]
+
+
+def _assert_learns(losses: list[float]) -> None:
+    # 2 ranks x 4 queries = the whole 8-query slice every step, so the loss should fall steadily.
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
+
+
+def test_zero1_with_the_deepspeed_launcher(tmp_path, tiny_bert_dir):
+    run_dir = tmp_path / "run"
+    _run("deepspeed", run_dir, tiny_bert_dir, ["deepspeed.config=ds_configs/zero1.json", "train.max_steps=6"])
+    _assert_learns(_losses(run_dir))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["final_step"] == 6 and record["world_size"] == 2
+    assert record["ds_config"]["zero_optimization"]["stage"] == 1
+    assert [step for step, _ in list_checkpoints(run_dir)] == [6]
+
+
+@pytest.mark.slow
+def test_zero2_preempted_and_resumed_equals_straight_run(tmp_path, tiny_bert_dir):
+    """10 steps straight == k steps, SIGTERM (checkpoint at k), --resume, the remaining steps."""
+    zero2 = ["deepspeed.config=ds_configs/zero2.json"]
+    straight = tmp_path / "straight"
+    _run("torchrun", straight, tiny_bert_dir, zero2 + ["train.max_steps=10"])
+    expected = _losses(straight)
+    _assert_learns(expected)
+
+    # The same run with no end in sight (the LR schedule is constant, so max_steps changes nothing
+    # else), stopped by SIGTERM to torchrun as a cluster would, once step 2 is logged.
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(_command("torchrun", interrupted, tiny_bert_dir, zero2 + ["train.max_steps=100000"]),
+                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(read_metrics(interrupted)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    record = json.loads((interrupted / "run.json").read_text())
+    assert record["status"] == "preempted", output[-5000:]
+    stopped_at = record["final_step"]
+    assert [step for step, _ in list_checkpoints(interrupted)] == [stopped_at]
+    assert 2 <= stopped_at < 10, f"stopped at step {stopped_at}: the signal came too late to test resuming"
+
+    # A save killed half way leaves a tag without complete.json: --resume must not trust it, and
+    # the next save removes it.
+    debris = interrupted / "checkpoints" / tag_of(stopped_at + 50)
+    debris.mkdir()
+    (debris / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
+
+    _run("torchrun", interrupted, tiny_bert_dir, zero2 + ["train.max_steps=10"], resume=True)
+    assert _losses(interrupted) == expected  # exactly: same data, same dropout masks, same optimizer state
+    record = json.loads((interrupted / "run.json").read_text())
+    assert record["status"] == "completed" and record["start_step"] == stopped_at and record["final_step"] == 10
+    assert not debris.exists() and [step for step, _ in list_checkpoints(interrupted)] == [stopped_at, 10]
+
+
+def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(tmp_path, tiny_bert_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from embedlib.encoder import Encoder
+
+    # Two tasks on two ranks: each step one rank trains retrieval (all 8 queries) and the other STS
+    # (8 scored pairs), swapping every step, so ZeRO-3's collectives meet different batches.
+    queries = [json.loads(line)["text"] for line in (REPO / "data" / "scifact" / "queries.train.jsonl").open()][:9]
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("score\tsentence1\tsentence2\n" + "".join(f"{i % 5}\t{queries[i]}\t{queries[i + 1]}\n"
+                                                               for i in range(8)))
+    run_dir = tmp_path / "run"
+    _run("torchrun", run_dir, tiny_bert_dir, [
+        "deepspeed.config=ds_configs/zero3.json", "train.max_steps=4", "train.export_every=2",
+        "train.num_workers=1", "train.save_every=1", "train.keep_checkpoints=2", "data.0.batch_size=8",
+        f"data.1={{name: sts, kind: sts, path: {sts}, batch_size: 8}}"])
+    _assert_learns(_losses(run_dir))
+    records = read_metrics(run_dir)
+    assert all(sorted(r["tasks"]) == ["scifact", "sts"] and {"loss/retrieval", "loss/sts"} <= r.keys()
+               for r in records)
+    assert records[0]["tasks"] != records[1]["tasks"]  # the schedule rotates tasks over ranks
+    assert [e.step for e in list_exports(run_dir)] == [2, 4]
+    assert [step for step, _ in list_checkpoints(run_dir)] == [3, 4]  # the newest keep_checkpoints
+    assert json.loads((run_dir / "run.json").read_text())["exports"] == [2, 4]
+    export = list_exports(run_dir)[-1].path
+
+    # The export holds exactly the trained weights: those DeepSpeed consolidates from the ZeRO-3
+    # shards of the final checkpoint.
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag_of(4))
+    exported = load_file(str(export / "model.safetensors"))
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name.removeprefix("backbone.")], tensor), name
+    initial = load_file(str(tiny_bert_dir / "model.safetensors"))
+    assert not torch.equal(initial["embeddings.word_embeddings.weight"], exported["embeddings.word_embeddings.weight"])
+
+    # The training-time encoder with those weights embeds as the export does in both libraries.
+    encoder = Encoder.from_pretrained(tiny_bert_dir, max_length=32)
+    encoder.load_state_dict(trained)
+    reference = encoder.encode(PROBES, show_progress=False)
+    st = SentenceTransformer(str(export), device="cpu")
+    np.testing.assert_allclose(st.encode(PROBES), reference, atol=1e-5)
+    tokenizer, model = AutoTokenizer.from_pretrained(export), AutoModel.from_pretrained(export)
+    batch = tokenizer(PROBES, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    mean = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    np.testing.assert_allclose(mean.numpy(), reference, atol=1e-5)
