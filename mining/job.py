@@ -1,0 +1,239 @@
+"""One mining pass: encode, search, filter, publish a version. Used by the standalone job and the sidecar.
+
+Under N ranks each rank encodes (or loads from the cache) its contiguous run of corpus blocks and
+searches it with every query; rank 0 gathers the per-shard top lists, merges, filters and publishes.
+No rank holds more than its shard's embeddings. Every rank encodes all queries itself (queries are
+short next to the corpus, and identical batches on every rank keep the query vectors identical).
+
+The published rows do not depend on the number of ranks: the blocks, and so the embeddings, are the
+same; scores are recomputed exactly (embedlib.search) and ties go to the lower corpus row; and when the
+filters leave a query with fewer than k candidates, the search for that query is repeated deeper
+(doubling, up to max_depth) on all ranks rather than padding early.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedlib.encoder import Encoder, EncoderError, is_encoder_export, model_fingerprint
+from embedlib.exports import MARKER, read_export_marker
+from embedlib.negstore import NegativeStore, NegativeStoreError
+from embedlib.search import ApproximateIndex, ExactIndex, exact_scores, gpu_count, merge_topk, recall_at_k
+from mining.embeddings import EmbeddingCache, block_ranges, encode_blocks, shard_of
+from mining.filters import FilterConfig, filter_candidates
+from mining.inputs import MiningInputs, load_inputs
+from mining.spec import REFRESHES_NAME, MiningError, MiningSpec, cache_root, mining_dir
+
+log = logging.getLogger("mining")
+
+
+@dataclass
+class _Shard:
+    start: int  # first global corpus row
+    num_rows: int
+    index: ExactIndex | ApproximateIndex
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(queries, depth)
+        return scores, np.where(ids >= 0, ids + self.start, -1)
+
+
+def check_run_dir(run_dir: str | os.PathLike, inputs: MiningInputs) -> None:
+    """MiningError when the run's published negatives were mined for another corpus or other queries."""
+    try:
+        latest = NegativeStore(run_dir).open_latest(verify=False)
+    except NegativeStoreError as e:
+        raise MiningError(f"{run_dir}: unusable negative store: {e}") from None
+    if latest is None:
+        return
+    with latest:
+        manifest = latest.manifest
+    for what, theirs, ours in (
+        ("corpus", manifest.get("corpus_fingerprint"), inputs.corpus_fingerprint),
+        ("training queries", manifest.get("queries_fingerprint"), inputs.queries_fingerprint),
+    ):
+        if theirs != ours:
+            raise MiningError(
+                f"{run_dir} belongs to another {what}: its negatives v{latest.version:06d} have {what} fingerprint "
+                f"{str(theirs)[:12]}..., these inputs {ours[:12]}... (use a new run directory)"
+            )
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise MiningError(f"{model_dir}: model directory not found")
+    if not (is_encoder_export(model_dir) or (model_dir / "config.json").is_file()):
+        raise MiningError(f"{model_dir}: not an encoder export (no modules.json, config.json and safetensors "
+                          "weights) nor a Hugging Face model directory")
+
+
+def export_step(model_dir: Path) -> int:
+    """The training step of an export (its export.json); 0 for a base model, which no training step made."""
+    if (model_dir / MARKER).is_file():
+        return int(read_export_marker(model_dir)["step"])
+    return 0
+
+
+def _load_encoder(model_dir: Path, spec: MiningSpec) -> tuple[Encoder, str]:
+    try:
+        fingerprint = model_fingerprint(model_dir)
+        encoder = Encoder.from_pretrained(model_dir, max_length=spec.max_length)
+    except (EncoderError, OSError, ValueError) as e:
+        raise MiningError(f"{model_dir}: cannot load the encoder: {str(e).splitlines()[0]}") from None
+    return encoder, fingerprint
+
+
+def _append_record(run_dir: str | os.PathLike, record: dict) -> None:
+    """One JSON line per pass, appended with a single write so a reader never sees half a record."""
+    path = mining_dir(run_dir) / REFRESHES_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _merged(comm, shard: _Shard, queries: np.ndarray, depth: int):
+    """Global top-`depth` of `queries` on rank 0 (None elsewhere): every shard searches, rank 0 merges."""
+    scores, ids = shard.search(queries, depth)
+    all_scores, all_ids = comm.gather(scores), comm.gather(ids)
+    return merge_topk(list(zip(all_scores, all_ids)), depth) if comm.rank == 0 else None
+
+
+def _positive_scores(comm, shard: _Shard, queries: np.ndarray, positive_rows: np.ndarray) -> np.ndarray | None:
+    """[Q, P] exact score of each positive (-inf padding) on rank 0, computed by the rank holding it."""
+    local = positive_rows - shard.start
+    local = np.where((positive_rows >= 0) & (local >= 0) & (local < shard.num_rows), local, -1)
+    if shard.num_rows:
+        scores = exact_scores(shard.index.corpus, queries, local)
+    else:
+        scores = np.full(local.shape, -np.inf, dtype=np.float32)
+    gathered = comm.gather(scores)
+    return np.max(gathered, axis=0) if comm.rank == 0 else None
+
+
+def _search_and_filter(comm, shard: _Shard, queries: np.ndarray, inputs: MiningInputs,
+                       positive_scores: np.ndarray | None, spec: MiningSpec, num_rows: int):
+    """(ids [Q, k], scores [Q, k], number of deeper searches) on rank 0. Queries that the filters leave
+    with fewer than k candidates are searched again twice as deep, by every rank, up to max_depth."""
+    config = FilterConfig(spec.k, spec.positive_margin, spec.score_cap)
+    excluded_width = int((inputs.excluded_rows >= 0).sum(axis=1).max())
+    depth = min(spec.k + excluded_width + spec.search_slack, spec.max_depth, num_rows)
+    ids = np.full((len(queries), spec.k), -1, dtype=np.int64)
+    scores = np.full((len(queries), spec.k), np.nan, dtype=np.float32)
+    todo = np.arange(len(queries))
+    deepened = 0
+    while len(todo):
+        merged = _merged(comm, shard, queries[todo], depth)
+        if comm.rank == 0:
+            kept = filter_candidates(merged[0], merged[1], inputs.excluded_rows[todo], positive_scores[todo], config)
+            ids[todo], scores[todo] = kept.ids, kept.scores
+            short = kept.survivors < spec.k
+            todo = todo[short] if depth < min(spec.max_depth, num_rows) else todo[:0]
+        todo = comm.broadcast(todo if comm.rank == 0 else None)  # every rank joins the next round
+        deepened += len(todo)
+        depth = min(2 * depth, spec.max_depth, num_rows)
+    return ids, scores, deepened
+
+
+def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathLike, comm, *,
+         model_step: int | None = None, mode: str = "mine", show_progress: bool = True) -> dict | None:
+    """Mine negatives with the model in `model_dir` and publish the next version of RUN/negatives.
+
+    Returns the pass's record (also appended to RUN/mining/refreshes.jsonl) on rank 0, None elsewhere.
+    Raises MiningError, before anything is published, for bad inputs.
+    """
+    model_dir = Path(model_dir)
+    inputs = load_inputs(spec)
+    check_run_dir(run_dir, inputs)
+    check_model_dir(model_dir)
+    step = export_step(model_dir) if model_step is None else model_step
+    encoder, model_fp = _load_encoder(model_dir, spec)
+    num_rows, num_queries = len(inputs.docs), len(inputs.pairs)
+    show_progress = show_progress and comm.rank == 0
+
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{comm.local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[spec.encode_dtype]
+    dtype_name = spec.encode_dtype if spec.encode_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    max_length = encoder.config.max_length
+    cache = EmbeddingCache(cache_root(spec, run_dir), model_fp, inputs.corpus_fingerprint, max_length, dtype_name)
+    all_blocks = block_ranges(num_rows, spec.block_rows)
+    my_blocks = shard_of(all_blocks, comm.rank, comm.world_size)
+
+    started = time.perf_counter()
+    shard_embeddings, hits = encode_blocks(
+        encoder, inputs.passages, my_blocks, cache, batch_size=spec.batch_size, max_length=max_length,
+        device=device, dtype=dtype, show_progress=show_progress)
+    queries = encoder.encode(inputs.query_texts, batch_size=spec.batch_size,
+                             max_length=spec.query_max_length or max_length, device=device, dtype=dtype,
+                             show_progress=show_progress)
+    del encoder
+    encode_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    shard_start = my_blocks[0][0] if my_blocks else 0
+    shard_rows = sum(end - start for start, end in my_blocks)
+    gpus = [comm.local_rank % gpu_count()] if comm.world_size > 1 and gpu_count() else None
+    if spec.index == "exact" or shard_rows == 0:
+        index = ExactIndex(shard_embeddings, device=spec.device, gpus=gpus)
+    else:
+        index = ApproximateIndex(shard_embeddings, spec.index, nlist=spec.nlist, nprobe=spec.nprobe,
+                                 hnsw_m=spec.hnsw_m, ef_search=spec.ef_search)
+    shard = _Shard(shard_start, shard_rows, index)
+
+    positive_scores = _positive_scores(comm, shard, queries, inputs.positive_rows)
+    ids, scores, deepened = _search_and_filter(comm, shard, queries, inputs, positive_scores, spec, num_rows)
+
+    recall = None
+    if spec.index != "exact":
+        sample = np.unique(np.linspace(0, num_queries - 1, min(spec.recall_sample, num_queries)).astype(np.int64))
+        exact_shard = _Shard(shard_start, shard_rows, ExactIndex(shard_embeddings, device=spec.device, gpus=gpus))
+        approx = _merged(comm, shard, queries[sample], spec.k)
+        exact = _merged(comm, exact_shard, queries[sample], spec.k)
+        if comm.rank == 0:
+            recall = recall_at_k(approx[1], exact[1])
+            log.info("approximate search (%s): recall@%d = %.4f against exact search on %d queries",
+                     spec.index, spec.k, recall, len(sample))
+    search_seconds = time.perf_counter() - started
+
+    # Rank 0 reports the slowest rank's times and the cache hits of all ranks.
+    stats = comm.gather(np.array([encode_seconds, search_seconds, hits], dtype=np.float64))
+    if comm.rank != 0:
+        comm.barrier()
+        return None
+    stats = np.stack(stats)
+    short_queries = int((ids[:, -1] < 0).sum())
+    extra = {
+        "mode": mode, "k": spec.k, "positive_margin": spec.positive_margin, "score_cap": spec.score_cap,
+        "index": spec.index, "query_instruction": spec.query_instruction, "max_length": max_length,
+        "model_fingerprint": model_fp, "short_queries": short_queries,
+    }
+    version = NegativeStore(run_dir).publish(
+        ids.astype(np.int32), scores, corpus_fingerprint=inputs.corpus_fingerprint,
+        queries_fingerprint=inputs.queries_fingerprint, model_path=str(model_dir.resolve()), model_step=step,
+        corpus_size=num_rows, extra=extra)
+    comm.barrier()
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": mode, "version": version,
+        "export_step": step, "model_path": str(model_dir.resolve()), "encode_seconds": round(float(stats[:, 0].max()), 3),
+        "search_seconds": round(float(stats[:, 1].max()), 3), "num_queries": num_queries, "k": spec.k,
+        "corpus_size": num_rows, "cache_hit": bool(stats[:, 2].sum() == len(all_blocks)),
+        "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": len(all_blocks), "world_size": comm.world_size,
+        "index": spec.index, "recall": recall, "short_queries": short_queries, "deepened_queries": deepened,
+    }
+    _append_record(run_dir, record)
+    log.info("published negatives v%06d: export step %d, %d queries x %d, encode %.1f s (cache %s), "
+             "search %.1f s%s", version, step, num_queries, spec.k, record["encode_seconds"],
+             "hit" if record["cache_hit"] else "miss", record["search_seconds"],
+             f", {short_queries} queries with fewer than k" if short_queries else "")
+    return record
