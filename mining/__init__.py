@@ -17,6 +17,6 @@ Modules:
 
 Records: every pass appends a JSON line to RUN/mining/refreshes.jsonl (version, export step, encode and
 search seconds, queries, k, cache hit, ...). The sidecar stops on SIGTERM/SIGINT and, with
---stop-when-finished, when the trainer has written {"status": "finished"} to RUN/run.json.
+--stop-when-finished, once the trainer's RUN/run.json status is "completed" or "failed".
 The search itself lives in embedlib.search so that data_gen can reuse it.
 """

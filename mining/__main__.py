@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--poll-seconds", type=float, default=10.0)
     sidecar.add_argument("--every", type=int, default=1, help="mine once this many new exports appeared")
     sidecar.add_argument("--stop-when-finished", action="store_true",
-                         help='stop when RUN/run.json says {"status": "finished"}')
+                         help='stop once the trainer\'s RUN/run.json status is "completed" or "failed"')
     sidecar.add_argument("--keep-cache", type=int, default=2, help="model entries kept in the embedding cache")
 
     for command in (mine, sidecar):
