@@ -1,5 +1,6 @@
 """Fixtures every test may use: offline settings, a tiny random BERT, the bundled data."""
 import os
+import sys
 from pathlib import Path
 
 # Nothing may be fetched from a hub, and caches stay inside the checkout.
@@ -11,6 +12,11 @@ os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The venv's tools (deepspeed, torchrun, mpiexec, ninja) come first, however pytest was started:
+# DeepSpeed's op cache is keyed by the ninja binary, and a second ninja on PATH rebuilds it.
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # noqa: E402
 

@@ -338,3 +338,102 @@ def test_two_gloo_ranks_equal_one_process(rule, gloo_ranks):
             for key in expected:
                 np.testing.assert_array_equal(saved[key], expected[key], err_msg=f"rank {rank}: {key}")
         assert json.loads((gloo_ranks / f"{rule}_rank{rank}.json").read_text()) == reference_results
+
+
+# --- the store feed (rank 0's side, one process) ----------------------------------------------------
+
+FINGERPRINTS = ("queries-fp", "corpus-fp")
+
+
+def publish(run_dir, model_step: int, fingerprints=FINGERPRINTS) -> int:
+    from embedlib.negstore import NegativeStore
+
+    candidates = np.arange(12, dtype=np.int32).reshape(2, 6)
+    scores = np.tile(np.linspace(1, 0, 6, dtype=np.float32), (2, 1))
+    return NegativeStore(run_dir).publish(candidates, scores, queries_fingerprint=fingerprints[0],
+                                          corpus_fingerprint=fingerprints[1], model_path="m", model_step=model_step)
+
+
+def take_when_ready(feed, timeout: float = 30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = feed.take()
+        if found is not None or (feed._worker is None and feed._considered == feed.store.latest_version()):
+            return found
+        time.sleep(0.01)
+    raise AssertionError("the feed never finished verifying")
+
+
+def test_feed_starts_with_the_checkpoints_version_else_the_newest_sound_one(tmp_path, caplog):
+    from training.dynamic_negatives import VersionFeed
+
+    run = tmp_path / "run"
+    for step in (0, 10, 20):
+        publish(run, step)
+    feed = VersionFeed(run, {"task": FINGERPRINTS}, sidecar_timeout_s=60, poll_seconds=0)
+    first = feed.first(restored=2)
+    assert (first.version, first.model_step, first.tasks) == (2, 10, ("task",))
+    assert take_when_ready(feed).version == 3  # newer than the checkpoint's: picked up by the first polls
+    feed.close()
+
+    publish(run, 30, fingerprints=("other", "corpus-fp"))  # mined for other queries
+    (run / "negatives" / "v000003" / "scores.npy").write_bytes(b"damaged")
+    feed = VersionFeed(run, {"task": FINGERPRINTS}, sidecar_timeout_s=60, poll_seconds=0)
+    assert feed.first(restored=None).version == 2  # v4 is for other data, v3 damaged
+    assert "skipping negatives v000004" in caplog.text and "skipping negatives v000003" in caplog.text
+    feed.close()
+
+
+def test_feed_never_blocks_skips_a_damaged_version_and_pins_what_plans_name(tmp_path, caplog):
+    from embedlib.negstore import NegativeStore
+    from training.dynamic_negatives import VersionFeed
+
+    run = tmp_path / "run"
+    store = NegativeStore(run)
+    publish(run, 0)
+    feed = VersionFeed(run, {"task": FINGERPRINTS}, sidecar_timeout_s=60, poll_seconds=0)
+    feed.pin(feed.first(restored=None), step=0, lookahead=2)
+    assert feed.take() is None  # nothing new
+
+    publish(run, 5)
+    v3 = publish(run, 10)
+    (run / "negatives" / "v000003" / "candidates.npy").write_bytes(b"x" * 10)  # the newest is damaged
+    assert take_when_ready(feed) is None and "skipping negatives v000003" in caplog.text
+    assert feed._considered == v3  # looked at once, then training goes on with the version in use
+
+    v4 = publish(run, 15)
+    announcement = take_when_ready(feed)
+    assert announcement.version == v4
+    feed.pin(announcement, step=7, lookahead=2)
+    assert store.gc(keep=1) == [2, 3]  # v1 stays: plans made before step 7 may still name it
+    feed.release(9)
+    assert 1 in store.versions()
+    feed.release(10)  # step 9's plan was the last made before the adoption
+    assert store.gc(keep=1) == [1] and store.versions() == [v4]
+    feed.close()
+
+
+def test_feed_warns_once_when_the_sidecar_looks_dead_and_once_when_it_is_back(tmp_path, caplog):
+    import time
+
+    from embedlib.exports import publish_export
+    from training.dynamic_negatives import VersionFeed
+
+    run = tmp_path / "run"
+    publish(run, 0)
+    feed = VersionFeed(run, {"task": FINGERPRINTS}, sidecar_timeout_s=0.2, poll_seconds=0)
+    feed.first(restored=None)
+    for step in (3, 6):
+        publish_export(run, step, lambda tmp: None)
+        feed.take()
+    assert not feed.sidecar_dead  # the export of step 6 has not waited long yet
+    time.sleep(0.3)
+    for _ in range(3):
+        feed.take()
+    assert feed.sidecar_dead and caplog.text.count("looks dead") == 1
+    publish(run, 6)
+    take_when_ready(feed)
+    assert not feed.sidecar_dead and caplog.text.count("is back") == 1
+    feed.close()

@@ -53,6 +53,8 @@ def test_conan_recipe_parses_and_validates():
     (["optim.lr=fast"], "'optim.lr' must be float, got 'fast'"),
     (["data.0.kind=ranking"], "unknown task kind 'ranking' for 'data.0.kind'"),
     (["train.max_steps"], "expected key=value"),
+    (["negatives.rule=sometimes"], "unknown value 'sometimes' for 'negatives.rule'"),
+    (["negatives.check_interval=0"], "'negatives.check_interval' must be at least 1"),
 ])
 def test_bad_overrides_are_named(overrides, expected):
     with pytest.raises(ConfigError, match=None) as caught:

@@ -13,6 +13,7 @@ from embedlib.negstore import NegativeStore
 from embedlib.records import corpus_fingerprint, queries_fingerprint, read_corpus
 from training.config import load_config
 from training.data import SamplerState, StepSampler, load_tasks, make_loader
+from training.dynamic_negatives import DynamicNegativeState
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "training" / "recipes" / "quickstart.yaml"
@@ -61,7 +62,7 @@ def test_sampler_covers_each_epoch_and_resumes_exactly(two_task_config):
     assert sorted(row for row, epoch in sts_rows if epoch == 0) == list(range(13))
     assert {plan.task_index for r in range(world) for plan in [straight[r][0]]} == {0, 1}  # every task each step
     # Resume from the state after step 5 (as a checkpoint holds it): the same plans follow.
-    state = SamplerState(cursors=straight[0][5].cursors_after, windows=SamplerState.initial(tasks).windows)
+    state = SamplerState(cursors=straight[0][5].cursors_after)
     for r in range(world):
         resumed = _plans(tasks, config, world, r, 6, state, 6)
         assert [(p.rows, p.epochs, p.task_index) for p in resumed] == \
@@ -103,37 +104,54 @@ def test_batches_do_not_depend_on_the_number_of_workers(two_task_config, tiny_be
 
 def test_negatives_from_the_store_window_skip_positives(tmp_path):
     corpus = read_corpus(REPO / "data" / "scifact" / "corpus.jsonl.gz")
-    row_of = {d.id: i for i, d in enumerate(corpus)}
     pairs = [{"query": f"question {i}", "pos_ids": [corpus[i].id], "neg": [] } for i in range(6)]
     pairs_path = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
     run_dir = tmp_path / "run"
-    # Candidates of query i: its positive first, then rows 100*i + 1, 100*i + 2, ... in rank order.
+    # Candidates of query i: its positive first, then rows 100*i + 1, 100*i + 2, ... in rank order;
+    # query 5 has only 12 candidates (11 after its positive): less than one window past the offset.
     candidates = np.array([[i] + [100 * i + j for j in range(1, 30)] for i in range(6)], dtype=np.int32)
+    candidates[5, 12:] = -1
     scores = np.tile(np.linspace(1, 0, 30, dtype=np.float32), (6, 1))
+    scores[5, 12:] = np.nan
     NegativeStore(run_dir).publish(
         candidates, scores, corpus_fingerprint=corpus_fingerprint(corpus),
         queries_fingerprint=queries_fingerprint([p["query"] for p in pairs]), model_path="m", model_step=0)
     config = load_config(QUICKSTART, [f"run_dir={run_dir}", f"data.0.path={pairs_path}", "data.0.num_negatives=4",
                                       "data.0.neg_offset=10"])
     (task,) = load_tasks(config)
-    assert task.store_version == 1 and task.num_negatives == 4
-    query, positive, negatives = task.example(row=2, epoch=0, window=0, seed=0)
-    assert query == "question 2" and positive == corpus[2].passage
-    # The positive (rank 0) is removed, then the top 10 skipped: ranks 11..14 of the candidates.
-    assert negatives == [corpus[200 + j].passage for j in range(11, 15)]
-    _, _, second_window = task.example(row=2, epoch=0, window=1, seed=0)
-    assert second_window == [corpus[200 + j].passage for j in range(15, 19)]
-    # A window past the candidates is topped up with random corpus passages, never the positive.
-    _, _, topped = task.example(row=2, epoch=0, window=4, seed=0)
-    assert len(topped) == 4 and topped[:3] == [corpus[200 + j].passage for j in range(27, 30)]
-    assert corpus[row_of[corpus[2].id]].passage not in topped
+    assert task.dynamic.num_negatives == 4 and task.dynamic.rank_offset == 10 and task.num_negatives == 0
+    assert task.fingerprints == (queries_fingerprint([p["query"] for p in pairs]), corpus_fingerprint(corpus))
+    state = DynamicNegativeState(len(task), task.dynamic)
+    state.adopt_version(1, 0)
+
+    def negatives_at(row: int, window: int) -> list[str]:
+        state.window[row] = window
+        query, positive, negatives = task.example(row, 0, 0, tuple(state.negative_ranks(row)), version=1)
+        assert query == f"question {row}" and positive == corpus[row].passage
+        return negatives
+
+    # The positive (rank 0) is removed, then the top 10 skipped: window 1 is ranks 11..14 of the candidates.
+    assert negatives_at(2, 1) == [corpus[200 + j].passage for j in range(11, 15)]
+    assert negatives_at(2, 2) == [corpus[200 + j].passage for j in range(15, 19)]
+    # 29 candidates after the positive hold 4 full windows past the offset: window 5 starts over at 1.
+    assert negatives_at(2, 5) == negatives_at(2, 1)
+    # A list short of one window: what there is (rank 11), topped up with random passages, never the positive.
+    topped = negatives_at(5, 1)
+    assert len(topped) == 4 and topped[0] == corpus[511].passage and corpus[5].passage not in topped[1:]
+    # A plan names its version: the sampler reads the live state (not a copy) when it makes the plan.
+    sampler = StepSampler(tasks=[task], weights={task.name: 1.0}, world_size=1, rank=0, seed=0, mode="balanced",
+                          start_step=0, state=SamplerState.initial([task]), negatives={task.name: state})
+    state.window[:] = 3
+    plan = next(iter(sampler))
+    assert plan.store_version == 1 and plan.generations == tuple(int(state.generation[r]) for r in plan.rows)
+    assert plan.negative_ranks == tuple(tuple(range(18, 22)) for _ in plan.rows)
 
 
 def test_without_store_or_neg_training_uses_in_batch_negatives(tmp_path):
     config = load_config(QUICKSTART, [f"run_dir={tmp_path / 'run'}", "data.0.limit=8"])
     (task,) = load_tasks(config)
-    assert task.store_version is None and task.num_negatives == 0 and len(task) == 8
-    assert task.example(0, 0, 0, seed=0)[2] == []
+    assert task.num_negatives == 0 and len(task) == 8
+    assert task.example(0, 0, seed=0)[2] == []
 
 
 def test_classification_positive_shares_the_label(tmp_path):
@@ -143,7 +161,7 @@ def test_classification_positive_shares_the_label(tmp_path):
                                       f"data.0={{name: cls, kind: classification, path: {texts}, num_negatives: 3}}"])
     (task,) = load_tasks(config)
     for row in range(8):
-        query, positive, negatives = task.example(row, epoch=1, window=0, seed=0)
+        query, positive, negatives = task.example(row, epoch=1, seed=0)
         label = int(query[1:]) % 2
         assert positive != query and int(positive[1:]) % 2 == label
         assert len(negatives) == 3 and all(int(n[1:]) % 2 != label for n in negatives)

@@ -2,6 +2,8 @@
 
     RUN/checkpoints/step_00000100/   DeepSpeed's save_checkpoint tag (model, optimizer, scheduler,
                                      ZeRO shards, our client state)
+    RUN/checkpoints/step_00000100/dynamic_negatives.safetensors   the trainer's own files (rank 0),
+                                     written before the marker
     RUN/checkpoints/step_00000100/complete.json   written by us last: the tag is usable
 
 DeepSpeed 0.19.8 writes the tag's files in place and then rank 0 writes `latest` (plain open/write,
@@ -18,6 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -50,8 +53,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory, complete on return."""
+def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state: dict, keep: int,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the tag directory, complete on return.
+
+    write_extra(tag_dir), called on rank 0, adds the trainer's own files to the checkpoint.
+    """
     root = checkpoints_root(run_dir)
     tag_dir = root / tag_of(step)
     rank = dist.get_rank()
@@ -63,6 +70,8 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     if (tag_dir / MARKER).is_file():  # already saved at this step (e.g. periodic save, then the end)
         return tag_dir
     engine.save_checkpoint(str(root), tag=tag_of(step), client_state=client_state, save_latest=False)
+    if rank == 0 and write_extra is not None:
+        write_extra(tag_dir)
     _fsync_files(tag_dir)  # every rank: its own shards reach the disk before the marker says complete
     dist.barrier()
     if rank == 0:
@@ -73,8 +82,13 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     return tag_dir
 
 
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_root(run_dir) / tag_of(step)
+
+
 def load_checkpoint(engine, run_dir: str | os.PathLike) -> tuple[int, dict] | None:
     """Load the newest complete checkpoint into `engine`: (step, client_state), or None if there is none.
+    Its directory is checkpoint_dir(run_dir, step).
 
     The ranks must agree on which one: rank 0 decides (a save could complete while ranks list).
     """

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from training.dynamic_negatives import DynamicNegativesConfig
 from training.loss import LossConfig
 
 TASK_KINDS = ("retrieval", "sts", "classification")
@@ -115,6 +116,40 @@ class TrainConfig:
     progress: bool = True
 
 
+_RULE_DEFAULTS = DynamicNegativesConfig()  # one source for the rule's defaults (the paper's values)
+
+
+@dataclass
+class NegativesConfig:
+    """Dynamic hard negatives (training/dynamic_negatives.py) for retrieval data sets with a corpus,
+    read from the mining sidecar's store RUN/negatives. n and the skipped top ranks are each data
+    set's num_negatives and neg_offset."""
+
+    # Apply the rule (off: every query keeps its first window; new store versions are still adopted).
+    dynamic: bool = True
+    # "window" (Conan: 1.15 * s < s0 and |s| < 0.8 moves the whole window) or "per_negative" (the
+    # follow-up paper: each negative replaced on its own).
+    rule: Literal["window", "per_negative"] = _RULE_DEFAULTS.rule
+    # Optimizer steps between two applications of the rule.
+    check_interval: int = _RULE_DEFAULTS.check_interval
+    stale_ratio: float = _RULE_DEFAULTS.stale_ratio
+    stale_abs_max: float = _RULE_DEFAULTS.stale_abs_max
+    per_negative_ratio: float = _RULE_DEFAULTS.per_negative_ratio
+    per_negative_max_score: float = _RULE_DEFAULTS.per_negative_max_score
+    per_negative_min_initial: float = _RULE_DEFAULTS.per_negative_min_initial
+    # The sidecar counts as dead when an export newer than the store's newest version has waited this
+    # long for its version (a pass on a large corpus takes a while; set it above one pass).
+    sidecar_timeout_s: float = 3600.0
+
+    def for_dataset(self, d: DatasetConfig) -> DynamicNegativesConfig:
+        """The rule's configuration for one data set (n and the offset are the data set's own)."""
+        return DynamicNegativesConfig(
+            enabled=self.dynamic, rule=self.rule, num_negatives=d.num_negatives, rank_offset=d.neg_offset,
+            check_interval=self.check_interval, stale_ratio=self.stale_ratio, stale_abs_max=self.stale_abs_max,
+            per_negative_ratio=self.per_negative_ratio, per_negative_max_score=self.per_negative_max_score,
+            per_negative_min_initial=self.per_negative_min_initial)
+
+
 @dataclass
 class DeepSpeedSection:
     # The DeepSpeed JSON (ZeRO stage, offload); see ds_configs/. Batch sizes, clipping and precision
@@ -134,6 +169,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
@@ -309,6 +345,10 @@ def validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: 'train.{key}' must be at least 1")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"{source}: 'optim.betas' must hold two numbers")
+    if config.negatives.check_interval < 1:
+        raise ConfigError(f"{source}: 'negatives.check_interval' must be at least 1")
+    if config.negatives.sidecar_timeout_s <= 0:
+        raise ConfigError(f"{source}: 'negatives.sidecar_timeout_s' must be positive")
     if config.model.max_length < 2:
         raise ConfigError(f"{source}: 'model.max_length' must be at least 2")
 

@@ -7,17 +7,17 @@ rank computes the whole assignment, so all ranks agree on every stream's positio
 and a step's batches depend only on (seed, step, world size, the position at the start), never on
 the number of DataLoader workers.
 
-The sampler state is one cursor (epoch, position) per data set plus, per retrieval data set, a
-window index per query (which slice of the mined candidates its hard negatives come from). Each
-batch carries the state *after* it, so the trainer checkpoints exactly what it has consumed, however
-far the DataLoader has prefetched; a resumed run continues from that state without replaying data.
-(The windows live with the sampler in the training process; a plan reads them when it is made, up
-to a prefetch ahead of its step.)
+The sampler state is one cursor (epoch, position) per data set. Each batch carries the state
+*after* it, so the trainer checkpoints exactly what it has consumed, however far the DataLoader has
+prefetched; a resumed run continues from that state without replaying data. Which negatives a query
+trains with is the trainer's DynamicNegativeState (training/dynamic_negatives.py), read live by the
+sampler when it makes a plan, up to a prefetch ahead of the plan's step.
 
 Negatives of a retrieval query, first source that exists:
-  1. the negative store (RUN/negatives), when a version's fingerprints match this data set's pairs
-     file and corpus: the query's candidates minus its positives, window w = the slice
-     [neg_offset + w * m, neg_offset + (w + 1) * m) (m = num_negatives);
+  1. the negative store (RUN/negatives), for a data set with a corpus and num_negatives > 0 once the
+     trainer uses a store version mined for its pairs file and corpus: the query's candidates minus
+     its positives, at the ranks DynamicNegativeState.negative_ranks gives (Conan's window i = ranks
+     [neg_offset + (i - 1) * m, neg_offset + i * m), m = num_negatives);
   2. the `neg` texts of the pairs file (m drawn per epoch, repeated when fewer);
   3. none: in-batch negatives only (m = 0), when no record has `neg` and there is no store.
 A query short of m negatives is topped up with random corpus passages (a data set whose records
@@ -29,7 +29,6 @@ turns it into tensors (reading texts, negatives from the memory-mapped store, to
 from __future__ import annotations
 
 import copy
-import logging
 import signal
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ import torch
 
 from embedlib.negstore import NegativeStore, NegativeVersion
 from embedlib.records import (
-    Document,
     RecordError,
     corpus_fingerprint,
     queries_fingerprint,
@@ -51,9 +49,8 @@ from embedlib.records import (
     read_scored_pairs,
 )
 from training.config import Config, ConfigError, DatasetConfig
+from training.dynamic_negatives import DynamicNegativesConfig, DynamicNegativeState, fit_ranks
 from training.schedule import assign_tasks
-
-logger = logging.getLogger(__name__)
 
 
 def loss_kind(kind: str) -> str:
@@ -69,45 +66,56 @@ def loss_kind(kind: str) -> str:
 class RetrievalTask:
     name: str
     batch_size: int
-    num_negatives: int  # m per query in every batch of this task (0: in-batch only)
+    num_negatives: int  # m per query without a store version: the `neg` texts, or 0 (in-batch only)
     queries: list[str]  # instruction prefix applied
     positives: list[list[str]]
     negatives: list[list[str]]  # the pairs file's `neg` texts
     positive_rows: list[list[int]]  # corpus rows of the positives (to keep them out of store negatives)
     passages: list[str] | None  # corpus passages in file order, for store ids and top-ups
-    neg_offset: int = 10
+    # Set when the data set can read the negative store (it has a corpus and num_negatives > 0): the
+    # rule's configuration (n per query, the skipped top ranks) and the (queries, corpus) fingerprints
+    # a store version must carry to be used for this data set.
+    dynamic: DynamicNegativesConfig | None = None
+    fingerprints: tuple[str, str] | None = None
     store_dir: str | None = None  # run dir whose negative store this task reads
-    store_version: int | None = None
     kind: str = "retrieval"
     _opened: NegativeVersion | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def example(self, row: int, epoch: int, window: int, seed: int) -> tuple[str, str, list[str]]:
+    def example(self, row: int, epoch: int, seed: int, ranks: tuple[int, ...] | None = None,
+                version: int | None = None) -> tuple[str, str, list[str]]:
+        """(query, positive, negatives) of a row. With a store `version`, the negatives are the
+        candidates at `ranks` (DynamicNegativeState.negative_ranks) of the row's list in that version."""
         rng = np.random.default_rng([seed, row, epoch])
         positives = self.positives[row]
         positive = positives[int(rng.integers(len(positives)))]
-        m = self.num_negatives
-        if m == 0:
-            return self.queries[row], positive, []
-        if self.store_version is not None:
-            negatives = self._store_negatives(row, window)
+        if version is not None:
+            m = len(ranks)
+            negatives = self._store_negatives(row, ranks, version)
         else:
+            m = self.num_negatives
+            if m == 0:
+                return self.queries[row], positive, []
             pool = self.negatives[row]
             negatives = [pool[i] for i in rng.permutation(len(pool))[:m]] if len(pool) >= m else list(pool)
             negatives = (negatives * m)[:m] if negatives else []
         return self.queries[row], positive, negatives + self._random_passages(row, m - len(negatives), rng)
 
-    def _store_negatives(self, row: int, window: int) -> list[str]:
-        if self._opened is None or self._opened.version != self.store_version:
-            # Opened lazily in each DataLoader worker (the files are memory-mapped, so this is cheap);
-            # the training process verified the checksums before the first step.
-            self._opened = NegativeStore(self.store_dir).open(self.store_version, verify=False)
+    def _store_negatives(self, row: int, ranks: tuple[int, ...], version: int) -> list[str]:
+        """The row's candidates at `ranks`, counted after its positives are removed; slots past a short
+        list are left out (topped up by the caller)."""
+        if self._opened is None or self._opened.version != version:
+            if self._opened is not None:
+                self._opened.close()  # unpin the old version, so the store's gc may remove it
+            # The training process holds `version` open (pinned against gc) while plans name it and
+            # verified its checksums before the first plan did, so opening it here is safe and cheap.
+            self._opened = NegativeStore(self.store_dir).open(version, verify=False)
         ids, _ = self._opened.candidates(row)
         ids = ids[~np.isin(ids, self.positive_rows[row])]
-        start = self.neg_offset + window * self.num_negatives
-        return [self.passages[i] for i in ids[start : start + self.num_negatives]]
+        fitted = fit_ranks(np.asarray(ranks, np.int64), len(ids), self.dynamic)
+        return [self.passages[ids[rank]] for rank in fitted if rank >= 0]
 
     def _random_passages(self, row: int, count: int, rng: np.random.Generator) -> list[str]:
         if count <= 0:
@@ -144,7 +152,7 @@ class ClassificationTask:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def example(self, row: int, epoch: int, window: int, seed: int) -> tuple[str, str, list[str]]:
+    def example(self, row: int, epoch: int, seed: int) -> tuple[str, str, list[str]]:
         rng = np.random.default_rng([seed, row, epoch])
         label = self.labels[row]
         same = self.rows_of_label[label]
@@ -212,22 +220,24 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
     all_pairs = read_pairs(d.path, corpus={doc.id: doc for doc in docs} if docs else None)
     pairs = all_pairs[: d.limit]
     _require_rows(pairs, d, 1)
-    store_version = _matching_store_version(config.run_dir, all_pairs, docs) if docs else None
-    m = d.num_negatives if (store_version is not None or any(p.neg for p in pairs)) else 0
+    m = d.num_negatives if any(p.neg for p in pairs) else 0
     if m and docs is None:
         missing = next((p for p in pairs if not p.neg), None)
         if missing is not None:
             raise RecordError(d.path, missing.line, "neg", f"empty, while other records have negatives; give "
                                                            f"every record negatives or set data.{index}.corpus")
+    uses_store = bool(docs) and d.num_negatives > 0
     return RetrievalTask(
         name=d.name, batch_size=d.batch_size, num_negatives=m,
         queries=[_with_instruction(p.instruction or d.instruction, p.query) for p in pairs],
         positives=[p.pos for p in pairs], negatives=[p.neg for p in pairs],
         positive_rows=[[row_of_id[i] for i in (p.pos_ids or []) if i in row_of_id] for p in pairs],
         passages=[doc.passage for doc in docs] if docs else None,
-        neg_offset=d.neg_offset,
-        store_dir=config.run_dir if store_version is not None else None,
-        store_version=store_version,
+        dynamic=config.negatives.for_dataset(d) if uses_store else None,
+        # The store's rows are the whole pairs file's queries (limit or not), its ids the corpus rows.
+        fingerprints=(queries_fingerprint([p.query for p in all_pairs]), corpus_fingerprint(docs)) if uses_store
+        else None,
+        store_dir=config.run_dir if uses_store else None,
     )
 
 
@@ -240,47 +250,29 @@ def _require_rows(rows: list, d: DatasetConfig, minimum: int) -> None:
         raise RecordError(d.path, None, None, f"has {len(rows)} usable records; task {d.name!r} needs {minimum}")
 
 
-def _matching_store_version(run_dir: str, pairs, docs: list[Document]) -> int | None:
-    """The newest store version mined for exactly these queries and this corpus, checksums verified."""
-    store = NegativeStore(run_dir)
-    if not store.versions():
-        return None
-    want = (queries_fingerprint([p.query for p in pairs]), corpus_fingerprint(docs))
-    for version in reversed(store.versions()):
-        with store.open(version, verify=True) as opened:
-            found = (opened.manifest["queries_fingerprint"], opened.manifest["corpus_fingerprint"])
-            if found == want:
-                return version
-    logger.warning("no negatives version in %s matches this pairs file and corpus", store.root)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------
 # The sampler
 
 
 @dataclass
 class SamplerState:
-    """Where every data set's stream stands, and each retrieval query's negatives window."""
+    """Where every data set's stream stands: per data set [epoch, position in that epoch's permutation]."""
 
-    cursors: list[list[int]]  # per data set: [epoch, position in that epoch's permutation]
-    windows: dict[str, list[int]]  # retrieval task name -> window index per query row
+    cursors: list[list[int]]
 
     @classmethod
     def initial(cls, tasks: list[Task]) -> SamplerState:
-        return cls(cursors=[[0, 0] for _ in tasks],
-                   windows={t.name: [0] * len(t) for t in tasks if isinstance(t, RetrievalTask)})
+        return cls(cursors=[[0, 0] for _ in tasks])
 
     def to_dict(self) -> dict:
-        return {"cursors": self.cursors, "windows": self.windows}
+        return {"cursors": self.cursors}
 
     @classmethod
     def from_dict(cls, data: dict, tasks: list[Task]) -> SamplerState:
-        state = cls(cursors=[list(c) for c in data["cursors"]], windows=dict(data["windows"]))
-        if len(state.cursors) != len(tasks) or any(len(state.windows.get(t.name, [])) != len(t)
-                                                   for t in tasks if isinstance(t, RetrievalTask)):
+        state = cls(cursors=[list(c) for c in data["cursors"]])
+        if len(state.cursors) != len(tasks):
             raise ConfigError("the checkpoint's data state does not fit the configured data sets "
-                              "(data sets or their sizes changed since it was written)")
+                              "(data sets were added or removed since it was written)")
         return state
 
 
@@ -292,19 +284,30 @@ class BatchPlan:
     task_index: int
     rows: tuple[int, ...]
     epochs: tuple[int, ...]
-    windows: tuple[int, ...]
     assignment: tuple[str, ...]  # task name per rank at this step
     cursors_after: list[list[int]]  # every data set's cursor after this step
+    # Store negatives (None without): the version in use when the plan was made (DataLoader workers
+    # hold their own copy of the task, so the plan names it), each row's negative ranks in its
+    # candidate list, and each row's DynamicNegativeState generation (to drop stale scores at sync).
+    store_version: int | None = None
+    negative_ranks: tuple[tuple[int, ...], ...] | None = None
+    generations: tuple[int, ...] | None = None
 
 
 class StepSampler:
-    """Yields this rank's BatchPlan for step start_step, start_step + 1, ... (endless)."""
+    """Yields this rank's BatchPlan for step start_step, start_step + 1, ... (endless).
+
+    `negatives` are the trainer's live DynamicNegativeState per store-backed task (not copies): a plan
+    reads the version in use and the rows' ranks when it is made, up to a prefetch ahead of its step.
+    """
 
     def __init__(self, tasks: list[Task], weights: dict[str, float], world_size: int, rank: int, seed: int,
-                 mode: str, start_step: int, state: SamplerState):
+                 mode: str, start_step: int, state: SamplerState,
+                 negatives: dict[str, DynamicNegativeState] | None = None):
         self.tasks, self.weights, self.world_size, self.rank = tasks, weights, world_size, rank
         self.seed, self.mode, self.start_step = seed, mode, start_step
         self.state = copy.deepcopy(state)
+        self.negatives = negatives if negatives is not None else {}
 
     def _permutation(self, task_index: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, task_index, epoch]).permutation(len(self.tasks[task_index]))
@@ -334,14 +337,19 @@ class StepSampler:
                 if rank == self.rank:
                     mine = (task_index, taken)
             task_index, taken = mine
-            windows = self.state.windows.get(self.tasks[task_index].name)
-            yield BatchPlan(
-                step=step, task_index=task_index, rows=tuple(r for r, _ in taken),
-                epochs=tuple(e for _, e in taken),
-                windows=tuple(windows[r] for r, _ in taken) if windows is not None else (0,) * len(taken),
-                assignment=tuple(assignment), cursors_after=copy.deepcopy(self.state.cursors),
-            )
+            rows = tuple(r for r, _ in taken)
+            yield BatchPlan(step=step, task_index=task_index, rows=rows, epochs=tuple(e for _, e in taken),
+                            assignment=tuple(assignment), cursors_after=copy.deepcopy(self.state.cursors),
+                            **self._store_negatives(self.tasks[task_index].name, rows))
             step += 1
+
+    def _store_negatives(self, task_name: str, rows: tuple[int, ...]) -> dict:
+        dyn = self.negatives.get(task_name)
+        if dyn is None or dyn.version is None:
+            return {}
+        return {"store_version": dyn.version,
+                "negative_ranks": tuple(tuple(int(r) for r in dyn.negative_ranks(row)) for row in rows),
+                "generations": tuple(int(dyn.generation[row]) for row in rows)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,20 +377,28 @@ class StepDataset(torch.utils.data.Dataset):
             batch["second"] = tokenize(self.tokenizer, [task.second[r] for r in plan.rows], self.max_length)
             batch["score"] = torch.tensor([task.scores[r] for r in plan.rows], dtype=torch.float32)
             return batch
-        examples = [task.example(r, e, w, self.seed) for r, e, w in zip(plan.rows, plan.epochs, plan.windows)]
+        if plan.store_version is not None:
+            examples = [task.example(r, e, self.seed, ranks, plan.store_version)
+                        for r, e, ranks in zip(plan.rows, plan.epochs, plan.negative_ranks)]
+            batch.update(rows=plan.rows, generations=plan.generations, store_version=plan.store_version)
+        else:
+            examples = [task.example(r, e, self.seed) for r, e in zip(plan.rows, plan.epochs)]
+            batch["store_version"] = None
         queries = [q for q, _, _ in examples]
         # Positives first, then every query's negatives in order: one passage forward per step.
         passages = [p for _, p, _ in examples] + [n for _, _, negs in examples for n in negs]
         batch["query"] = tokenize(self.tokenizer, queries, self.max_length)
         batch["passages"] = tokenize(self.tokenizer, passages, self.max_length)
-        batch["num_negatives"] = task.num_negatives
+        batch["num_negatives"] = len(examples[0][2])  # the same for every row of a batch
         return batch
 
 
-def make_loader(tasks: list[Task], tokenizer, config: Config, world_size: int, rank: int,
-                start_step: int, state: SamplerState) -> torch.utils.data.DataLoader:
+def make_loader(tasks: list[Task], tokenizer, config: Config, world_size: int, rank: int, start_step: int,
+                state: SamplerState, negatives: dict[str, DynamicNegativeState] | None = None
+                ) -> torch.utils.data.DataLoader:
     weights = {d.name: d.weight for d in config.data}
-    sampler = StepSampler(tasks, weights, world_size, rank, config.seed, config.train.schedule_mode, start_step, state)
+    sampler = StepSampler(tasks, weights, world_size, rank, config.seed, config.train.schedule_mode, start_step,
+                          state, negatives)
     workers = config.train.num_workers
     return torch.utils.data.DataLoader(
         StepDataset(tasks, tokenizer, config.model.max_length, config.seed),

@@ -54,18 +54,34 @@ one (every rank at the same step: `broadcast_from_rank0` shares rank 0's decisio
 and per-negative ranks are kept, but the negatives behind them changed, so every sample's scores
 are reset (s0 is re-observed) and every generation bumped.
 
-`state_dict()` / `load_state_dict()` give and take NumPy arrays only (no pickle): store them with
-safetensors or np.savez and read with allow_pickle=False.
+`state_dict()` / `load_state_dict()` give and take NumPy arrays only (no pickle); `save_states` /
+`load_states` keep every data set's state in one safetensors file of a checkpoint.
+
+Where versions come from. `VersionFeed` is the trainer's side of the mining sidecar: rank 0 finds new
+store versions without blocking a step, verifies them off the hot path and announces them; every
+rank keeps the versions its batches name open (pinned against the store's gc); and the sidecar's
+health is judged from the run directory's files alone.
 """
 from __future__ import annotations
 
+import logging
+import math
+import os
+import threading
+import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from embedlib.exports import latest_export
+from embedlib.negstore import NegativeStore, NegativeStoreError, NegativeVersion
+
+logger = logging.getLogger(__name__)
 
 RULES = ("window", "per_negative")
 _NONE = -1  # version / model step / generation "not given"
@@ -367,6 +383,35 @@ class DynamicNegativeState:
         return names
 
 
+STATE_FILENAME = "dynamic_negatives.safetensors"
+
+
+def save_states(path: str | os.PathLike, states: dict[str, DynamicNegativeState]) -> None:
+    """Every data set's state_dict() (after sync()) in one safetensors file, keys "<data set>/<array>"."""
+    from safetensors.numpy import save_file
+
+    arrays = {f"{name}/{key}": value for name, state in states.items() for key, value in state.state_dict().items()}
+    save_file(arrays, str(path))
+
+
+def load_states(path: str | os.PathLike, states: dict[str, DynamicNegativeState]) -> None:
+    """Restore what save_states wrote; a data set missing from the file is a clear error."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint holds no dynamic negatives state")
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(path)).items():
+        name, _, array = key.rpartition("/")
+        grouped.setdefault(name, {})[array] = value
+    for name, state in states.items():
+        if name not in grouped:
+            raise ValueError(f"{path} holds no dynamic negatives state for data set {name!r} (it holds "
+                             f"{sorted(grouped)}): the data sets changed since the checkpoint was written")
+        state.load_state_dict(grouped[name])
+
+
 def fit_ranks(ranks: np.ndarray, num_candidates: int, cfg: DynamicNegativesConfig) -> np.ndarray:
     """negative_ranks() output fitted to a candidate list of num_candidates: ranks past its end wrap
     around (module docstring), -1 marks a slot with no candidate."""
@@ -394,6 +439,166 @@ def broadcast_from_rank0(value: Any, group=None) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+# --- the store's versions: the trainer's side of the mining sidecar --------------------------------
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Rank 0's decision, broadcast to every rank: use store `version` from now on for `tasks`."""
+
+    version: int
+    model_step: int | None  # the training step of the export that mined it
+    tasks: tuple[str, ...]  # the data sets whose queries and corpus it was mined for
+
+
+class VersionFeed:
+    """New versions of RUN/negatives for the trainer, without ever blocking a step, and the sidecar's health.
+
+    Rank 0 lists the store at most every `poll_seconds` (one directory listing); a version newer
+    than any it looked at before is opened and its checksums verified in a background thread (a large
+    version takes a while to hash), and `take()` returns its Announcement once that is done, for the
+    trainer to broadcast (broadcast_from_rank0) and adopt on every rank at the same step. A damaged
+    version is skipped with a warning: training goes on with the version in use.
+
+    Every rank keeps the versions its plans may name open (`pin`): an open version is locked against
+    the store's gc, and DataLoader workers open it again by number, so it must still exist. The previous
+    version is released once no plan in flight can name it (`lookahead` steps after an adoption).
+
+    The sidecar's health comes from files only: it looks dead once an export newer than the newest
+    version's model step has waited `sidecar_timeout_s` for a version (rank 0 warns once; and says so
+    once more when a version arrives after that).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, fingerprints: dict[str, tuple[str, str]],
+                 sidecar_timeout_s: float, poll_seconds: float = 1.0):
+        self.run_dir, self.store = Path(run_dir), NegativeStore(run_dir)
+        self.fingerprints = fingerprints  # data set -> the (queries, corpus) fingerprints it needs
+        self.sidecar_timeout_s, self.poll_seconds = sidecar_timeout_s, poll_seconds
+        self._pins: dict[int, NegativeVersion] = {}
+        self._release_after: dict[int, int] = {}  # pinned version -> step after which no plan names it
+        # rank 0 only (first, take)
+        self._considered = 0  # the newest version looked at
+        self._worker: threading.Thread | None = None
+        self._found: tuple[Announcement, NegativeVersion] | None = None
+        self._last_poll = -math.inf
+        self._mined_step: int | None = None  # model step of the newest version seen
+        self._waiting_since: float | None = None  # when an export newer than _mined_step was first seen
+        self.sidecar_dead = False
+
+    def first(self, restored: int | None) -> Announcement | None:
+        """Rank 0, before step 1: the version to train with. The checkpoint's (`restored`) while it is
+        there and sound, else the newest sound one mined for these data sets; None without one."""
+        versions = self.store.versions()
+        order = ([restored] if restored in versions else []) + [v for v in reversed(versions) if v != restored]
+        if restored is not None and restored not in versions:
+            logger.warning("negatives v%06d of the checkpoint is gone from %s; using the newest sound version",
+                           restored, self.store.root)
+        self._considered = max(versions, default=0)
+        for version in order:
+            found = self._examine(version)
+            if found is not None:
+                announcement, opened = found
+                self._pins[version] = opened
+                # Newer versions than the checkpoint's are picked up by the first polls.
+                self._considered, self._mined_step = version, announcement.model_step
+                return announcement
+        return None
+
+    def take(self) -> Announcement | None:
+        """Rank 0, every step: a newer verified version, or None (never waits for one)."""
+        self._poll()
+        if self._worker is None or self._worker.is_alive():
+            return None
+        self._worker, found, self._found = None, self._found, None
+        if found is None:
+            return None
+        announcement, opened = found
+        self._pins[announcement.version] = opened
+        return announcement
+
+    def pin(self, announcement: Announcement, step: int, lookahead: int) -> None:
+        """Every rank, at the adoption after step `step`: hold the new version (rank 0 already does)
+        and release the others once the plans made before this step are trained."""
+        version = announcement.version
+        if version not in self._pins:
+            self._pins[version] = self.store.open(version, verify=False)  # rank 0 verified the checksums
+        for old in self._pins:
+            if old != version:
+                self._release_after.setdefault(old, step + lookahead)
+
+    def release(self, step: int) -> None:
+        """After training step `step`: close versions that no plan can name any more."""
+        for version, after in list(self._release_after.items()):
+            if step > after:
+                self._pins.pop(version).close()
+                del self._release_after[version]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+            if self._found is not None:
+                self._found[1].close()
+        for opened in self._pins.values():
+            opened.close()
+        self._pins.clear()
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_seconds:
+            return
+        self._last_poll = now
+        newest = self.store.latest_version()
+        if newest is not None and newest > self._considered:
+            self._waiting_since = None  # the sidecar published: it is alive
+            if self.sidecar_dead:
+                self.sidecar_dead = False
+                logger.warning("the mining sidecar is back: negatives v%06d appeared", newest)
+            if self._worker is None:
+                self._considered = newest
+                self._worker = threading.Thread(target=self._examine_in_background, args=(newest,),
+                                                name="negatives-verify", daemon=True)
+                self._worker.start()
+        self._watch_sidecar(now)
+
+    def _examine_in_background(self, version: int) -> None:
+        self._found = self._examine(version)
+        if self._found is not None:
+            self._mined_step = self._found[0].model_step
+
+    def _examine(self, version: int) -> tuple[Announcement, NegativeVersion] | None:
+        """Open and verify a version; None (with a warning) when it is damaged or mined for other data."""
+        try:
+            opened = self.store.open(version, verify=True)
+        except NegativeStoreError as error:
+            logger.warning("skipping negatives v%06d, training goes on with the version in use: %s", version, error)
+            return None
+        manifest = opened.manifest
+        mined_for = (manifest.get("queries_fingerprint"), manifest.get("corpus_fingerprint"))
+        tasks = tuple(name for name, fingerprints in self.fingerprints.items() if fingerprints == mined_for)
+        if not tasks:
+            opened.close()
+            logger.warning("skipping negatives v%06d: mined for other queries or another corpus than the data "
+                           "sets %s", version, sorted(self.fingerprints))
+            return None
+        model_step = manifest.get("model_step")
+        return Announcement(version, None if model_step is None else int(model_step), tasks), opened
+
+    def _watch_sidecar(self, now: float) -> None:
+        if self._worker is not None:  # a new version is being verified: the sidecar is alive
+            return
+        export = latest_export(self.run_dir)
+        if export is None or self._mined_step is None or export.step <= self._mined_step:
+            self._waiting_since = None
+            return
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif not self.sidecar_dead and now - self._waiting_since > self.sidecar_timeout_s:
+            self.sidecar_dead = True
+            logger.warning("the mining sidecar looks dead: export step %d has waited %.0f s for its negatives "
+                           "(negatives.sidecar_timeout_s); training goes on with the version in use",
+                           export.step, now - self._waiting_since)
 
 
 # --- queued records ------------------------------------------------------------------------------

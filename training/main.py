@@ -9,13 +9,30 @@ The run directory (config `run_dir`):
     RUN/run.json          machine-readable record: argv, versions, world size, start/end, status
                           (running, completed, preempted, failed), first and final step, exports
     RUN/metrics.jsonl     one JSON object per optimizer step: step, loss, loss/<task kind>, lr,
-                          samples, samples_per_s, step_time_s, negatives_version, tasks (per rank)
+                          samples, samples_per_s, step_time_s, negatives_version (per data set),
+                          tasks (per rank); at dynamic-negatives checks also negatives/<data set>/
+                          {stale, replaced, mean_score, unobserved, version, export_age_steps} and
+                          negatives/sidecar_alive
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
-                          each complete only once it holds complete.json (training/checkpoint.py)
+                          each complete only once it holds complete.json (training/checkpoint.py);
+                          dynamic_negatives.safetensors in each holds the negatives state
     RUN/exports/          step_XXXXXXXX encoder directories (embedlib.exports): every
                           train.export_every steps and at the end; what the mining sidecar loads
     RUN/negatives/        the mining sidecar's negative store (embedlib.negstore), read here
     RUN/tensorboard/      when tensorboard is installed
+
+Dynamic hard negatives (training/dynamic_negatives.py; options under `negatives:`). A retrieval data
+set with a corpus and num_negatives > 0 trains with the candidates of the store version in use:
+at the start the checkpoint's version, else the newest one mined for its pairs file and corpus.
+After every step the loss's scores of each query's negatives are recorded; every
+negatives.check_interval steps all ranks apply the rule (stale samples move to their next window).
+Rank 0 looks for a newer store version without ever waiting for one (checksums are verified in a
+background thread) and announces it; all ranks adopt it at the same step. The sidecar
+(`python -m mining sidecar --run-dir RUN`) mines every new export; when it dies, training goes on
+with the version in use (one warning), and versions are picked up again when it comes back. With
+DataLoader workers, batches prefetched across a check or an adoption keep the negatives they were
+planned with (their scores are not credited to the new ones), so a resumed run matches an
+uninterrupted one exactly only with train.num_workers=0 or without checks and new versions.
 
 Before the first step everything that can be checked is: the configuration, the DeepSpeed JSON
 against it, the model directory, and every record of every data file. A problem there is one line
@@ -58,7 +75,7 @@ from embedlib.encoder import EncoderError
 from embedlib.exports import list_exports
 from embedlib.negstore import NegativeStoreError
 from embedlib.records import RecordError
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (
     Config,
     ConfigError,
@@ -68,6 +85,15 @@ from training.config import (
     to_dict,
 )
 from training.data import RetrievalTask, SamplerState, Task, load_tasks, loss_kind, make_loader
+from training.dynamic_negatives import (
+    STATE_FILENAME,
+    Announcement,
+    DynamicNegativeState,
+    VersionFeed,
+    broadcast_from_rank0,
+    load_states,
+    save_states,
+)
 from training.loss import RetrievalEmbeddings, STSEmbeddings, StepLoss, cbb_step_loss
 from training.schedule import assign_tasks
 
@@ -152,12 +178,18 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
         raise ConfigError(f"loss.matryoshka_dims {config.loss.matryoshka_dims}: each must be between 1 and "
                           f"the embedding size {dim}")
     start_step, state = 0, SamplerState.initial(tasks)
+    negatives = {t.name: DynamicNegativeState(len(t), t.dynamic) for t in tasks
+                 if isinstance(t, RetrievalTask) and t.dynamic is not None}
     if args.resume:
         loaded = load_checkpoint(engine, run_dir)
         if loaded is not None:
             start_step, client_state = loaded
             state = SamplerState.from_dict(client_state["data"], tasks)
-            _restore_negatives_versions(tasks, client_state.get("negatives_versions", {}))
+            if negatives:
+                try:
+                    load_states(checkpoint_dir(run_dir, start_step) / STATE_FILENAME, negatives)
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
             logger.info("resumed from step %d", start_step)
         elif rank == 0:
             logger.info("--resume: no checkpoint in %s, starting from step 0", run_dir)
@@ -166,7 +198,7 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
     if rank == 0:
         atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     try:
-        status, step = train_loop(engine, config, tasks, state, start_step, record)
+        status, step = train_loop(engine, config, tasks, state, negatives, start_step, record)
     except BaseException as error:
         record.finish("failed", None, error=repr(error))
         raise
@@ -216,29 +248,54 @@ def lr_factor(config: Config):
     return factor
 
 
-def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, start_step: int,
-               record: RunRecord) -> tuple[str, int]:
+def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
+               negatives: dict[str, DynamicNegativeState], start_step: int, record: RunRecord) -> tuple[str, int]:
     from training.export import export_model
     from training.metrics import MetricsLog, StepProgress
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir, t = Path(config.run_dir), config.train
     task_of = {task.name: task for task in tasks}
-    negatives = {task.name: task.store_version for task in tasks if isinstance(task, RetrievalTask)}
     preemption = Preemption()
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
     progress = StepProgress(t.max_steps, start_step, enabled=rank == 0 and t.progress)
-    loader = make_loader(tasks, engine.module.tokenizer, config, world_size, rank, start_step, state)
+    feed = VersionFeed(run_dir, {name: task_of[name].fingerprints for name in negatives},
+                       sidecar_timeout_s=config.negatives.sidecar_timeout_s)
+
+    def adopt(announcement: Announcement, step: int, lookahead: int) -> None:
+        """Every rank at the same step: train with the announced store version from the next plan on."""
+        feed.pin(announcement, step, lookahead)
+        for name in announcement.tasks:
+            negatives[name].sync()
+            if negatives[name].adopt_version(announcement.version, announcement.model_step):
+                logger.info("rank %d: %s adopts negatives v%06d (export step %s) at step %d", rank, name,
+                            announcement.version, announcement.model_step, step)
 
     def checkpoint(step: int) -> None:
-        client_state = {"data": state.to_dict(), "negatives_versions": negatives}
-        save_checkpoint(engine, run_dir, step, client_state, keep=t.keep_checkpoints)
+        for dyn in negatives.values():
+            dyn.sync()
+        save_checkpoint(engine, run_dir, step, {"data": state.to_dict()}, keep=t.keep_checkpoints,
+                        write_extra=(lambda tag_dir: save_states(tag_dir / STATE_FILENAME, negatives)) if negatives
+                        else None)
 
     def export(step: int) -> None:
         info = export_model(engine, run_dir, step, keep=t.keep_exports,
                             extra={"model_source": config.model.path, "world_size": world_size})
         if info is not None:
             print(f"exported: {info.path}", flush=True)
+
+    if negatives:  # the version to start with: the checkpoint's, else the newest one mined for our data
+        restored = next((dyn.version for dyn in negatives.values() if dyn.version is not None), None)
+        first = broadcast_from_rank0(feed.first(restored) if rank == 0 else None)
+        if first is not None:
+            adopt(first, start_step, lookahead=0)
+        elif restored is not None:
+            raise ConfigError(f"the checkpoint trains with negatives v{restored:06d}, and {feed.store.root} holds "
+                              "no sound version mined for these data sets any more")
+    loader = make_loader(tasks, engine.module.tokenizer, config, world_size, rank, start_step, state, negatives)
+    # Plans are made this many steps ahead of training (DataLoader prefetch): an adoption reaches
+    # the batches after them, and the previous version stays pinned until then.
+    lookahead = loader.num_workers * (loader.prefetch_factor or 0)
 
     step, status = start_step, "completed"
     try:
@@ -254,13 +311,19 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, s
             out = train_step(engine, batch, kinds, config)
             step = step_index + 1
             state.cursors = batch["cursors_after"]
+            if batch.get("store_version") is not None:  # s of these rows' negatives, from the loss
+                negatives[batch["task"]].record(batch["rows"], out.negative_scores, step,
+                                                generations=batch["generations"])
 
             now = time.perf_counter()
             samples = sum(task_of[name].batch_size for name in batch["assignment"])
             figures = {"step": step, "loss": out.value, **{f"loss/{k}": v for k, v in out.per_task_kind.items()},
                        "lr": lr, "samples": samples, "samples_per_s": samples / (now - last),
-                       "step_time_s": now - last, "negatives_version": negatives,
-                       "tasks": list(batch["assignment"]), "time": time.time()}
+                       "step_time_s": now - last, "tasks": list(batch["assignment"]), "time": time.time(),
+                       "negatives_version": {}}
+            if negatives:
+                figures.update(dynamic_negatives_step(negatives, feed, step, lookahead, adopt, rank))
+
             if rank == 0:
                 metrics.log(figures)
                 progress.update(figures)
@@ -280,9 +343,32 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, s
             last = time.perf_counter()  # checkpoints and exports are not training time
     finally:
         progress.close()
+        feed.close()
         if metrics is not None:
             metrics.close()
     return status, step
+
+
+def dynamic_negatives_step(negatives: dict[str, DynamicNegativeState], feed: VersionFeed, step: int,
+                           lookahead: int, adopt, rank: int) -> dict:
+    """After optimizer step `step`, on every rank: the rule where due, then a new store version if rank 0
+    has one ready. Returns the figures for metrics.jsonl (the checks' on check steps)."""
+    figures: dict = {}
+    checked = False
+    for name, dyn in negatives.items():
+        if dyn.due(step):
+            dyn.sync()
+            figures.update(dyn.check(step).metrics(prefix=f"negatives/{name}/"))
+            checked = True
+    if checked and rank == 0:
+        figures["negatives/sidecar_alive"] = not feed.sidecar_dead
+    # After the check: a new version resets every score, so the rule could not fire at this step.
+    announcement = broadcast_from_rank0(feed.take() if rank == 0 else None)
+    if announcement is not None:
+        adopt(announcement, step, lookahead)
+    feed.release(step)
+    figures["negatives_version"] = {name: dyn.version for name, dyn in negatives.items()}
+    return figures
 
 
 def train_step(engine, batch: dict, kinds: list[str], config: Config) -> StepLoss:
@@ -312,17 +398,6 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     """Dropout's randomness is a function of (seed, step, rank), so a resumed run draws the same masks
     without saving every rank's RNG state."""
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
-def _restore_negatives_versions(tasks: list[Task], versions: dict) -> None:
-    """Keep using the negatives version the checkpointed run used, while it still exists."""
-    from embedlib.negstore import NegativeStore
-
-    for task in tasks:
-        version = versions.get(task.name)
-        if isinstance(task, RetrievalTask) and task.store_dir and version is not None:
-            if version in NegativeStore(task.store_dir).versions():
-                task.store_version = version
 
 
 class Preemption:

@@ -69,17 +69,30 @@ def _tensorboard_writer(log_dir: Path):
 
 
 class StepProgress:
-    """The rank-0 progress bar: step, loss per task kind, learning rate, samples/s, negatives version."""
+    """The rank-0 progress bar: step, loss per task kind, learning rate, samples/s, and the negatives:
+    version in use, the age of its export in steps and the stale samples of the latest check."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self._progress = make_progress(TextColumn("{task.fields[info]}"), disable=not enabled)
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
         self._progress.start()
+        self._checks: dict[str, str] = {}  # data set -> its latest check, shown until the next one
+        self._sidecar_alive = True
 
     def update(self, record: dict) -> None:
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-        versions = {v for v in record["negatives_version"].values() if v is not None}
-        negatives = ",".join(f"v{v}" for v in sorted(versions)) or "in-batch/neg"
+        for key, stale in record.items():
+            if key.startswith("negatives/") and key.endswith("/stale"):
+                prefix = key.removesuffix("stale")
+                age, mean = record.get(f"{prefix}export_age_steps"), record.get(f"{prefix}mean_score")
+                self._checks[prefix.removeprefix("negatives/").rstrip("/")] = (
+                    (f" age={age}" if age is not None else "") + f" stale={stale}"
+                    + (f" s={mean:.3f}" if mean is not None else ""))
+        negatives = ",".join(f"v{v}{self._checks.get(name, '')}" for name, v in record["negatives_version"].items()
+                             if v is not None) or "in-batch/neg"
+        self._sidecar_alive = record.get("negatives/sidecar_alive", self._sidecar_alive)
+        if not self._sidecar_alive:
+            negatives += " (sidecar dead)"
         info = (f"loss={record['loss']:.4f} {losses} lr={record['lr']:.1e} "
                 f"{record['samples_per_s']:.1f}/s negatives={negatives}")
         self._progress.update(self._task, completed=record["step"], info=info)
