@@ -120,6 +120,12 @@ def truncate_embeddings(embeddings: np.ndarray | torch.Tensor, dim: int):
     return (head / np.maximum(norms, 1e-12)).astype(embeddings.dtype, copy=False)
 
 
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize as the encoder does, with only a tokenizer (DataLoader workers hold no model)."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
 class Encoder(nn.Module):
     """backbone (Hugging Face AutoModel) -> pool -> projection (nn.Linear or None) -> L2 normalise."""
 
@@ -254,14 +260,7 @@ class Encoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Padded, truncated batch: input_ids, attention_mask and token_type_ids when the model has them."""
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=max_length or self.config.max_length,
-            return_tensors="pt",
-        )
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return tokenize(self.tokenizer, texts, max_length or self.config.max_length)
 
     def encode(
         self,

@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from embedlib.encoder import tokenize
 from embedlib.negstore import NegativeStore, NegativeVersion
 from embedlib.records import (
     RecordError,
@@ -354,12 +355,6 @@ class StepSampler:
 
 # ---------------------------------------------------------------------------------------------------
 # Plans to tensors (runs in DataLoader workers)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """As embedlib.encoder.Encoder.tokenize, without needing the model in the worker."""
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 class StepDataset(torch.utils.data.Dataset):
