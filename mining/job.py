@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedlib.encoder import Encoder, EncoderError, is_encoder_export, model_fingerprint
+from embedlib.encoder import Encoder, EncoderError, is_encoder_export, model_fingerprint, resolve_model_dir
 from embedlib.exports import MARKER, read_export_marker
 from embedlib.negstore import NegativeStore, NegativeStoreError
 from embedlib.search import ApproximateIndex, ExactIndex, exact_scores, gpu_count, merge_topk, recall_at_k
@@ -152,7 +152,10 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
     Returns the pass's record (also appended to RUN/mining/refreshes.jsonl) on rank 0, None elsewhere.
     Raises MiningError, before anything is published, for bad inputs.
     """
-    model_dir = Path(model_dir)
+    try:
+        model_dir = resolve_model_dir(model_dir)
+    except EncoderError as e:
+        raise MiningError(str(e)) from None
     inputs = load_inputs(spec)
     check_run_dir(run_dir, inputs)
     check_model_dir(model_dir)

