@@ -22,7 +22,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slurm clean
 
 install: $(STAMP)
 
@@ -42,13 +42,16 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m demo
+	$(PY) scripts/quickstart.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slurm"
 
-bench: $(STAMP)
-	$(PY) bench/run_all.py
+# The SLURM tests submit the real scripts in slurm/ to a one-node cluster on this machine, which
+# start_cluster.sh installs (Debian's slurm-wlm and munge; needs root) and starts. About 6 minutes.
+test-slurm: $(STAMP)
+	slurm/testing/start_cluster.sh
+	$(PY) -m pytest -q -m slurm
 
 clean:
 	rm -rf $(VENV) .cache runs

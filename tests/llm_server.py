@@ -55,8 +55,9 @@ def reply_content(user_message: str) -> str:
 
 class LLMServer:
     def __init__(self, script: dict[str, list[str]] | None = None, latency: float = 0.0,
-                 slow_seconds: float = 3.0, retry_after: str = "1", lifetime: float = 600.0):
+                 slow_seconds: float = 3.0, retry_after: str = "1", lifetime: float = 600.0, port: int = 0):
         self.script = script or {}
+        self.port = port
         self.latency = latency
         self.slow_seconds = slow_seconds
         self.retry_after = retry_after
@@ -88,7 +89,7 @@ class LLMServer:
                     pass
 
         ThreadingHTTPServer.request_queue_size = 256  # many clients connect at once
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._timer = threading.Timer(self.lifetime, self.stop)
@@ -178,8 +179,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--lifetime", type=float, default=600.0)
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed on start)")
     args = p.parse_args()
-    server = LLMServer(latency=args.latency, lifetime=args.lifetime).start()
+    server = LLMServer(latency=args.latency, lifetime=args.lifetime, port=args.port).start()
     print(server.url, flush=True)
     deadline = time.monotonic() + args.lifetime
     while server._httpd is not None and time.monotonic() < deadline:

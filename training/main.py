@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # Installed first: a cluster's warning signal may arrive while the model and data still load.
+    preemption = Preemption()
     try:
         rank_env_from_slurm(os.environ)
         config, model_path, tasks = prepare(args)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return train(config, model_path, tasks, args, argv if argv is not None else sys.argv[1:])
+        return train(config, model_path, tasks, args, argv if argv is not None else sys.argv[1:], preemption)
     except (ConfigError, EncoderError) as error:  # found once the model is loaded (every rank finds it)
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -162,7 +164,8 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, list[Task]]:
     return config, model_path, load_tasks(config)
 
 
-def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Namespace, argv: list[str]) -> int:
+def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Namespace, argv: list[str],
+          preemption: Preemption) -> int:
     import deepspeed  # imported late: the checks above should fail fast
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -198,7 +201,7 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
     if rank == 0:
         atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     try:
-        status, step = train_loop(engine, config, tasks, state, negatives, start_step, record)
+        status, step = train_loop(engine, config, tasks, state, negatives, start_step, record, preemption)
     except BaseException as error:
         record.finish("failed", None, error=repr(error))
         raise
@@ -249,14 +252,14 @@ def lr_factor(config: Config):
 
 
 def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
-               negatives: dict[str, DynamicNegativeState], start_step: int, record: RunRecord) -> tuple[str, int]:
+               negatives: dict[str, DynamicNegativeState], start_step: int, record: RunRecord,
+               preemption: Preemption) -> tuple[str, int]:
     from training.export import export_model
     from training.metrics import MetricsLog, StepProgress
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir, t = Path(config.run_dir), config.train
     task_of = {task.name: task for task in tasks}
-    preemption = Preemption()
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
     progress = StepProgress(t.max_steps, start_step, enabled=rank == 0 and t.progress)
     feed = VersionFeed(run_dir, {name: task_of[name].fingerprints for name in negatives},
