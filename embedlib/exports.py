@@ -87,7 +87,9 @@ def read_export_marker(export_dir: str | os.PathLike) -> dict:
 def gc_exports(run_dir: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> list[int]:
     """Delete all but the newest `keep` exports (and any step in `protect`); return removed steps.
 
-    Also removes temporary directories left by a killed writer.
+    Also removes what a killed writer or deleter left behind (`.tmp-*`, `.trash-*`). Only the
+    trainer's rank 0 writes exports, and it calls this between its own writes, so no live writer's
+    temporary directory can be removed.
     """
     root = exports_root(run_dir)
     removed = []
@@ -100,4 +102,6 @@ def gc_exports(run_dir: str | os.PathLike, keep: int, protect: set[int] = frozen
         os.rename(export.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(export.step)
+    for debris in list(root.glob(".tmp-*")) + list(root.glob(".trash-*")):
+        shutil.rmtree(debris, ignore_errors=True)
     return removed
