@@ -6,6 +6,9 @@ STS reports the Spearman correlation of cosine similarity with the gold score.
 
     python -m embedlib.evaluation --model DIR --beir data/scifact --split dev
     python -m embedlib.evaluation --model DIR --sts ../shared/data/stsb_en/dev.tsv
+
+The same functions serve the quickstart (scripts/quickstart.py) in-process; `evaluate_model` loads a
+model directory and runs whatever is asked of it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedlib.atomic import atomic_write_bytes
 from embedlib.records import Document, Query, ScoredPair, read_corpus, read_qrels, read_queries, read_scored_pairs
 
 RECALL_CUTOFFS = (10, 100)
@@ -64,12 +68,14 @@ def ranking_metrics(ranked_doc_ids: list[list[str]], query_ids: list[str], qrels
     return metrics
 
 
-def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True) -> dict[str, float]:
-    """Encode corpus and queries with `encoder` (an embedlib.encoder.Encoder), search exactly, score."""
+def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True, dtype=None) -> dict[str, float]:
+    """Encode corpus and queries with `encoder` (an embedlib.encoder.Encoder), search exactly, score.
+
+    dtype: the compute dtype of encoding (None: Encoder.encode's default, bf16 autocast on CUDA)."""
     from embedlib.search import exact_search
 
-    doc_emb = encoder.encode([d.passage for d in split.corpus], batch_size=batch_size, show_progress=show_progress)
-    query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size, show_progress=show_progress)
+    doc_emb = encoder.encode([d.passage for d in split.corpus], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
+    query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     _, ids = exact_search(doc_emb, query_emb, k=min(max(RECALL_CUTOFFS), len(split.corpus)))
     ranked = [[split.corpus[i].id for i in row if i >= 0] for row in ids]
     return ranking_metrics(ranked, [q.id for q in split.queries], split.qrels)
@@ -94,11 +100,45 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True) -> dict[str, float]:
-    first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress)
-    second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress)
+def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True, dtype=None) -> dict[str, float]:
+    first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
+    second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     cosine = np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
     return {"spearman": spearman(cosine, np.array([p.score for p in pairs], dtype=np.float64)), "num_pairs": len(pairs)}
+
+
+ENCODE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def encode_dtype(name: str):
+    """"auto" -> None (Encoder.encode decides: bf16 autocast on CUDA, float32 on CPU), else the torch dtype."""
+    import torch
+
+    if name not in ENCODE_DTYPES:
+        raise ValueError(f"unknown encode dtype {name!r}; expected one of {', '.join(ENCODE_DTYPES)}")
+    return None if name == "auto" else getattr(torch, name)
+
+
+def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: str = "dev", sts: str | Path | None = None,
+                   query_instruction: str = "", batch_size: int = 64, max_length: int | None = None,
+                   dtype: str = "auto", show_progress: bool = True) -> dict[str, dict]:
+    """Load a model directory and evaluate it: {"retrieval": {...}} and/or {"sts": {...}}.
+
+    max_length: tokens per text (None: what the model directory says), the same for queries and passages.
+    """
+    from embedlib.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(model, max_length=max_length)
+    compute_dtype = encode_dtype(dtype)
+    results: dict[str, dict] = {}
+    if beir:
+        results["retrieval"] = evaluate_retrieval(encoder, BeirSplit.load(beir, split), batch_size=batch_size,
+                                                  query_instruction=query_instruction, show_progress=show_progress,
+                                                  dtype=compute_dtype)
+    if sts:
+        results["sts"] = evaluate_sts(encoder, read_scored_pairs(sts), batch_size=batch_size,
+                                      show_progress=show_progress, dtype=compute_dtype)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,24 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sts", type=Path, help="scored sentence pairs (tsv or jsonl) for STS evaluation")
     parser.add_argument("--query-instruction", default="", help="prefix added to every query")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+    parser.add_argument("--dtype", choices=ENCODE_DTYPES, default="auto",
+                        help="compute dtype of encoding (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if not args.beir and not args.sts:
         parser.error("give --beir DIR and/or --sts FILE")
 
-    from embedlib.encoder import Encoder
-
-    encoder = Encoder.from_pretrained(args.model)
-    results: dict[str, dict] = {}
-    if args.beir:
-        split = BeirSplit.load(args.beir, args.split)
-        results["retrieval"] = evaluate_retrieval(encoder, split, batch_size=args.batch_size, query_instruction=args.query_instruction)
-    if args.sts:
-        results["sts"] = evaluate_sts(encoder, read_scored_pairs(args.sts), batch_size=args.batch_size)
+    results = evaluate_model(args.model, beir=args.beir, split=args.split, sts=args.sts,
+                             query_instruction=args.query_instruction, batch_size=args.batch_size,
+                             max_length=args.max_length, dtype=args.dtype, show_progress=not args.no_progress)
     text = json.dumps({"model": str(args.model), **results}, indent=2)
     print(text)
     if args.output:
-        args.output.write_text(text + "\n", encoding="utf-8")
+        atomic_write_bytes(args.output, (text + "\n").encode("utf-8"))
     return 0
 
 

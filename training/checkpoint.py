@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from embedlib.atomic import atomic_write_json, fsync_dir
+from embedlib.atomic import atomic_write_json, fsync_tree
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 MARKER = "complete.json"
@@ -72,7 +72,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     engine.save_checkpoint(str(root), tag=tag_of(step), client_state=client_state, save_latest=False)
     if rank == 0 and write_extra is not None:
         write_extra(tag_dir)
-    _fsync_files(tag_dir)  # every rank: its own shards reach the disk before the marker says complete
+    fsync_tree(tag_dir)  # every rank: its own shards reach the disk before the marker says complete
     dist.barrier()
     if rank == 0:
         atomic_write_json(tag_dir / MARKER, {"step": step, "world_size": dist.get_world_size(),
@@ -103,17 +103,6 @@ def load_checkpoint(engine, run_dir: str | os.PathLike) -> tuple[int, dict] | No
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoints_root(run_dir) / tag_of(step)}")
     return step, client_state
-
-
-def _fsync_files(tag_dir: Path) -> None:
-    for dirpath, _, filenames in os.walk(tag_dir):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
 
 
 def _gc(root: Path, keep: int) -> None:
