@@ -30,6 +30,7 @@ HERE = "tests/test_readme.py"
 COVERAGE: dict[str, list[tuple[str, str]]] = {
     "make demo": [("tests/test_quickstart.py", "scripts/quickstart.py"), (HERE, "def test_make_targets")],
     "make test": [(HERE, "def test_make_targets")],  # and CI runs it
+    "make test-slurm": [("tests/test_slurm.py", "pytestmark = pytest.mark.slurm"), (HERE, "def test_make_targets")],
     ".venv/bin/python scripts/quickstart.py --resume": [
         ("tests/test_quickstart.py", "def test_resume_continues_the_run"), (HERE, "def test_quickstart_commands_parse")],
     ".venv/bin/python scripts/quickstart.py --max-steps 80 loss.temperature=0.05": [
@@ -118,8 +119,10 @@ def test_make_targets_run_what_the_readme_says():
 
     (demo,) = commands_starting("make demo")
     assert dry_run(demo).strip().splitlines()[-1] == ".venv/bin/python scripts/quickstart.py"
-    (test,) = [c for c in commands_starting("make test") if len(c) == 2]
-    assert dry_run(test).strip().splitlines()[-1].startswith(".venv/bin/python -m pytest")
+    (test,) = [c for c in commands_starting("make test") if c == ["make", "test"]]
+    assert dry_run(test).strip().splitlines()[-1] == '.venv/bin/python -m pytest -q -m "not slurm"'
+    (slurm,) = commands_starting("make test-slurm")
+    assert dry_run(slurm).strip().splitlines()[-2:] == ["slurm/testing/start_cluster.sh", ".venv/bin/python -m pytest -q -m slurm"]
     (cuda,) = [c for c in commands_starting("make test TORCH_PIP_ARGS=") if len(c) == 3]
     index = cuda[2].removeprefix("TORCH_PIP_ARGS=")
     torch_install = [line for line in dry_run(cuda, "-B").splitlines() if '"torch==' in line]
