@@ -55,6 +55,8 @@ def test_conan_recipe_parses_and_validates():
     (["train.max_steps"], "expected key=value"),
     (["negatives.rule=sometimes"], "unknown value 'sometimes' for 'negatives.rule'"),
     (["negatives.check_interval=0"], "'negatives.check_interval' must be at least 1"),
+    (["evaluation.beir=data/scifact", "evaluation.split=test"], "'evaluation.beir': missing data/scifact/queries.test.jsonl"),
+    (["evaluation.every=-1"], "'evaluation.every' must not be negative"),
 ])
 def test_bad_overrides_are_named(overrides, expected):
     with pytest.raises(ConfigError, match=None) as caught:

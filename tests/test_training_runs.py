@@ -61,6 +61,25 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records]
 
 
+def _small_beir(directory: Path) -> Path:
+    """Six dev queries of the bundled SciFact, their abstracts and 60 others, in BEIR layout."""
+    import gzip
+
+    scifact = REPO / "data" / "scifact"
+    directory.mkdir()
+    queries = (scifact / "queries.dev.jsonl").read_text().splitlines()[:6]
+    ids = {json.loads(q)["_id"] for q in queries}
+    qrels = [line for line in (scifact / "qrels.dev.tsv").read_text().splitlines()[1:] if line.split("\t")[0] in ids]
+    relevant = {line.split("\t")[1] for line in qrels}
+    with gzip.open(scifact / "corpus.jsonl.gz", "rt") as f:
+        docs = [line for line in f]
+    kept = [d for d in docs if json.loads(d)["_id"] in relevant] + [d for d in docs[:60] if json.loads(d)["_id"] not in relevant]
+    (directory / "corpus.jsonl").write_text("".join(kept))
+    (directory / "queries.dev.jsonl").write_text("\n".join(queries) + "\n")
+    (directory / "qrels.dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    return directory
+
+
 def _assert_learns(losses: list[float]) -> None:
     # 2 ranks x 4 queries = the whole 8-query slice every step, so the loss should fall steadily.
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
@@ -129,10 +148,12 @@ def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(
     sts.write_text("score\tsentence1\tsentence2\n" + "".join(f"{i % 5}\t{queries[i]}\t{queries[i + 1]}\n"
                                                                for i in range(8)))
     run_dir = tmp_path / "run"
+    beir = _small_beir(tmp_path / "beir")
     _run("torchrun", run_dir, tiny_bert_dir, [
         "deepspeed.config=ds_configs/zero3.json", "train.max_steps=4", "train.export_every=2",
         "train.num_workers=1", "train.save_every=1", "train.keep_checkpoints=2", "data.0.batch_size=8",
-        f"data.1={{name: sts, kind: sts, path: {sts}, batch_size: 8}}"])
+        f"data.1={{name: sts, kind: sts, path: {sts}, batch_size: 8}}",
+        f"evaluation.beir={beir}", "evaluation.every=2"])
     _assert_learns(_losses(run_dir))
     records = read_metrics(run_dir)
     assert all(sorted(r["tasks"]) == ["scifact", "sts"] and {"loss/retrieval", "loss/sts"} <= r.keys()
@@ -142,6 +163,14 @@ def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(
     assert [step for step, _ in list_checkpoints(run_dir)] == [3, 4]  # the newest keep_checkpoints
     assert json.loads((run_dir / "run.json").read_text())["exports"] == [2, 4]
     export = list_exports(run_dir)[-1].path
+
+    # The dev evaluation during training scored each export (rank 0, under ZeRO-3) as the CLI does.
+    from embedlib.evaluation import evaluate_model
+    evaluations = read_metrics(run_dir, "eval.jsonl")
+    assert [r["step"] for r in evaluations] == [2, 4]
+    final = evaluate_model(export, beir=beir, split="dev", max_length=32, show_progress=False)["retrieval"]
+    assert evaluations[-1]["eval/ndcg@10"] == pytest.approx(final["ndcg@10"], abs=1e-6)
+    assert evaluations[-1]["eval/recall@100"] == pytest.approx(final["recall@100"], abs=1e-6)
 
     # The export holds exactly the trained weights: those DeepSpeed consolidates from the ZeRO-3
     # shards of the final checkpoint.

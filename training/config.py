@@ -152,6 +152,23 @@ class NegativesConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Retrieval evaluation of the exported model while training (embedlib.evaluation, on rank 0),
+    logged to RUN/eval.jsonl, one line per evaluation: {"step", "eval/ndcg@10", ...}."""
+
+    # A BEIR-layout directory (corpus.jsonl[.gz], queries.<split>.jsonl, qrels.<split>.tsv); empty: none.
+    beir: str = ""
+    split: str = "dev"
+    # Evaluate every `every` steps (an export is made at those steps too) and at the end; 0: at the end only.
+    every: int = 0
+    # Tokens per query and passage (None: model.max_length).
+    max_length: int | None = None
+    batch_size: int = 64
+    # Prefix of every query (use the retrieval data set's instruction, if it has one).
+    query_instruction: str = ""
+
+
+@dataclass
 class DeepSpeedSection:
     # The DeepSpeed JSON (ZeRO stage, offload); see ds_configs/. Batch sizes, clipping and precision
     # are filled in from this file's training config.
@@ -171,6 +188,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
@@ -338,6 +356,16 @@ def validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: '{where}.corpus' only applies to retrieval data sets")
     if config.train.max_steps < 1:
         raise ConfigError(f"{source}: 'train.max_steps' must be at least 1")
+    if config.evaluation.every < 0:
+        raise ConfigError(f"{source}: 'evaluation.every' must not be negative")
+    if config.evaluation.beir:
+        beir, split = Path(config.evaluation.beir), config.evaluation.split
+        needed = [beir / f"queries.{split}.jsonl", beir / f"qrels.{split}.tsv"]
+        missing = [p for p in needed if not p.is_file()]
+        if not any((beir / name).is_file() for name in ("corpus.jsonl", "corpus.jsonl.gz")):
+            missing.append(beir / "corpus.jsonl[.gz]")
+        if missing:
+            raise ConfigError(f"{source}: 'evaluation.beir': missing {', '.join(map(str, missing))}")
     for key in ("save_every", "export_every", "num_workers"):
         if getattr(config.train, key) < 0:
             raise ConfigError(f"{source}: 'train.{key}' must not be negative")

@@ -13,6 +13,8 @@ The run directory (config `run_dir`):
                           tasks (per rank); at dynamic-negatives checks also negatives/<data set>/
                           {stale, replaced, mean_score, unobserved, version, export_age_steps} and
                           negatives/sidecar_alive
+    RUN/eval.jsonl        with evaluation.beir: one JSON object per evaluation of an export on that
+                          BEIR split, {"step", "eval/ndcg@10", "eval/recall@100", "eval/mrr@10", ...}
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
                           each complete only once it holds complete.json (training/checkpoint.py);
                           dynamic_negatives.safetensors in each holds the negatives state
@@ -255,12 +257,13 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
                negatives: dict[str, DynamicNegativeState], start_step: int, record: RunRecord,
                preemption: Preemption) -> tuple[str, int]:
     from training.export import export_model
-    from training.metrics import MetricsLog, StepProgress
+    from training.metrics import EVAL_FILENAME, MetricsLog, StepProgress
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir, t = Path(config.run_dir), config.train
     task_of = {task.name: task for task in tasks}
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
+    eval_log = MetricsLog(run_dir, start_step, EVAL_FILENAME) if rank == 0 and config.evaluation.beir else None
     progress = StepProgress(t.max_steps, start_step, enabled=rank == 0 and t.progress)
     feed = VersionFeed(run_dir, {name: task_of[name].fingerprints for name in negatives},
                        sidecar_timeout_s=config.negatives.sidecar_timeout_s)
@@ -281,11 +284,19 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
                         write_extra=(lambda tag_dir: save_states(tag_dir / STATE_FILENAME, negatives)) if negatives
                         else None)
 
+    def evaluation_due(step: int) -> bool:
+        e = config.evaluation
+        return bool(e.beir) and (step == t.max_steps or (e.every > 0 and step % e.every == 0))
+
     def export(step: int) -> None:
         info = export_model(engine, run_dir, step, keep=t.keep_exports,
                             extra={"model_source": config.model.path, "world_size": world_size})
         if info is not None:
             print(f"exported: {info.path}", flush=True)
+        if evaluation_due(step):
+            if rank == 0:  # the export is the consolidated model under every ZeRO stage
+                eval_log.log({"step": step, **evaluate_export(info.path, config)})
+            dist.barrier()
 
     if negatives:  # the version to start with: the checkpoint's, else the newest one mined for our data
         restored = next((dyn.version for dyn in negatives.values() if dyn.version is not None), None)
@@ -339,7 +350,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
                 if rank == 0:
                     logger.info("signal %s: saved step %d, exiting", preemption.signal_name, step)
                 break
-            if step == t.max_steps or (t.export_every and step % t.export_every == 0):
+            if step == t.max_steps or (t.export_every and step % t.export_every == 0) or evaluation_due(step):
                 export(step)
             if step >= t.max_steps:
                 break
@@ -347,8 +358,9 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
     finally:
         progress.close()
         feed.close()
-        if metrics is not None:
-            metrics.close()
+        for log in (metrics, eval_log):
+            if log is not None:
+                log.close()
     return status, step
 
 
@@ -395,6 +407,17 @@ def embed(engine, batch: dict) -> RetrievalEmbeddings | STSEmbeddings:
     passages = forward(batch["passages"])
     n, m = len(query), batch["num_negatives"]
     return RetrievalEmbeddings(query, passages[:n], passages[n:].reshape(n, m, passages.shape[-1]))
+
+
+def evaluate_export(export_dir: Path, config: Config) -> dict[str, float]:
+    """nDCG@10, Recall@k and MRR@10 of an export on config.evaluation's BEIR split, as eval/<metric>."""
+    from embedlib.evaluation import evaluate_model
+
+    e = config.evaluation
+    results = evaluate_model(export_dir, beir=e.beir, split=e.split, batch_size=e.batch_size,
+                             query_instruction=e.query_instruction,
+                             max_length=e.max_length or config.model.max_length, show_progress=False)
+    return {f"eval/{name}": value for name, value in results["retrieval"].items()}
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:

@@ -1,5 +1,5 @@
-"""Per-step figures: RUN/metrics.jsonl (one JSON object per optimizer step), TensorBoard when installed,
-and the rank-0 progress bar."""
+"""Per-step figures: RUN/metrics.jsonl (one JSON object per optimizer step), RUN/eval.jsonl (one per
+evaluation during training), TensorBoard when installed, and the rank-0 progress bar."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,15 @@ from embedlib.atomic import atomic_write_bytes
 from embedlib.progress import make_progress
 
 METRICS_FILENAME = "metrics.jsonl"
+EVAL_FILENAME = "eval.jsonl"
 
 
 class MetricsLog:
-    """Appends one line per step to RUN/metrics.jsonl (flushed, so a killed run keeps what it logged)."""
+    """Appends one line per step to RUN/metrics.jsonl (or `filename`), flushed, so a killed run keeps
+    what it logged."""
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int):
-        self.path = Path(run_dir) / METRICS_FILENAME
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int, filename: str = METRICS_FILENAME):
+        self.path = Path(run_dir) / filename
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
@@ -37,8 +39,8 @@ class MetricsLog:
             self._tensorboard.close()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILENAME
+def read_metrics(run_dir: str | os.PathLike, filename: str = METRICS_FILENAME) -> list[dict]:
+    path = Path(run_dir) / filename
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
