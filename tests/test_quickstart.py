@@ -160,6 +160,6 @@ def test_bad_model_and_data_paths_are_clear_errors(tmp_path, small_data, capsys)
     assert quickstart.main(["--run-dir", str(tmp_path / "r"), "--model", str(tmp_path), "--data", str(small_data)]) == 1
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
     assert quickstart.main(["--run-dir", str(tmp_path / "r"), "--model", "package:no_such_package_xyz"]) == 1
-    assert "no installed Python package 'no_such_package_xyz'" in capsys.readouterr().err
+    assert "no installed Python package named 'no_such_package_xyz'" in capsys.readouterr().err
     assert quickstart.main(["--run-dir", str(tmp_path / "r"), "--data", str(tmp_path)]) == 1
     assert "no corpus.jsonl.gz" in capsys.readouterr().err
