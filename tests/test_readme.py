@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -113,7 +114,10 @@ def test_make_targets_run_what_the_readme_says():
     """`make -n` prints what a target would run without running it (the quickstart's own run is in
     tests/test_quickstart.py, the suite's is CI)."""
     def dry_run(argv: list[str], *flags: str) -> str:
-        result = subprocess.run([argv[0], "-n", *flags, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # Under `make test` this is a sub-make: drop the parent's make variables and directory lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        result = subprocess.run([argv[0], "-n", "--no-print-directory", *flags, *argv[1:]], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
