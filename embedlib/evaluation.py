@@ -47,28 +47,49 @@ class BeirSplit:
         return cls(corpus=read_corpus(corpus_file), queries=queries, qrels=qrels)
 
 
-def ranking_metrics(ranked_doc_ids: list[list[str]], query_ids: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    """Mean nDCG@10, MRR@10 and Recall@k over queries, from each query's ranked document ids."""
-    ndcg, mrr = [], []
-    recall: dict[int, list[float]] = {k: [] for k in RECALL_CUTOFFS}
+def ranking_metrics(ranked_doc_ids: list[list[str]], query_ids: list[str], qrels: dict[str, dict[str, int]],
+                    *, per_query: bool = False) -> dict:
+    """Mean nDCG@10, MRR@10 and Recall@k over queries, from each query's ranked document ids.
+
+    per_query: also return {"per_query": {query id: {metric: value}}}, for paired comparisons of two models
+    on the same queries (`paired_difference`)."""
+    scores: dict[str, dict[str, float]] = {}
     for qid, ranked in zip(query_ids, ranked_doc_ids, strict=True):
         relevance = {d: r for d, r in qrels.get(qid, {}).items() if r > 0}
         if not relevance:
             continue
         dcg = sum(relevance.get(d, 0) / math.log2(rank + 2) for rank, d in enumerate(ranked[:10]))
         ideal = sum(r / math.log2(rank + 2) for rank, r in enumerate(sorted(relevance.values(), reverse=True)[:10]))
-        ndcg.append(dcg / ideal)
         first_hit = next((rank for rank, d in enumerate(ranked[:10]) if d in relevance), None)
-        mrr.append(0.0 if first_hit is None else 1.0 / (first_hit + 1))
+        scores[qid] = {"ndcg@10": dcg / ideal, "mrr@10": 0.0 if first_hit is None else 1.0 / (first_hit + 1)}
         for k in RECALL_CUTOFFS:
-            recall[k].append(len(relevance.keys() & set(ranked[:k])) / len(relevance))
-    metrics = {"ndcg@10": float(np.mean(ndcg)), "mrr@10": float(np.mean(mrr))}
-    metrics.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
-    metrics["num_queries"] = len(ndcg)
+            scores[qid][f"recall@{k}"] = len(relevance.keys() & set(ranked[:k])) / len(relevance)
+    names = ["ndcg@10", "mrr@10", *(f"recall@{k}" for k in RECALL_CUTOFFS)]
+    metrics: dict = {name: float(np.mean([s[name] for s in scores.values()])) for name in names}
+    metrics["num_queries"] = len(scores)
+    if per_query:
+        metrics["per_query"] = scores
     return metrics
 
 
-def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True, dtype=None) -> dict[str, float]:
+def paired_difference(baseline: dict[str, float], other: dict[str, float], *, samples: int = 10_000,
+                      seed: int = 0) -> dict[str, float]:
+    """Mean of other - baseline over the queries both scored, with a 95% paired bootstrap interval.
+
+    The interval is the spread from which queries happen to be in the evaluation set (queries resampled
+    with replacement, the same resample for both models); it says nothing about training noise, which
+    only runs with other seeds measure."""
+    common = sorted(baseline.keys() & other.keys())
+    if not common:
+        raise ValueError("paired_difference: the two models share no query")
+    diff = np.array([other[q] - baseline[q] for q in common], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95_low": float(low), "ci95_high": float(high), "num_queries": len(common)}
+
+
+def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True, dtype=None, per_query: bool = False) -> dict:
     """Encode corpus and queries with `encoder` (an embedlib.encoder.Encoder), search exactly, score.
 
     dtype: the compute dtype of encoding (None: Encoder.encode's default, bf16 autocast on CUDA)."""
@@ -78,7 +99,7 @@ def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query
     query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     _, ids = exact_search(doc_emb, query_emb, k=min(max(RECALL_CUTOFFS), len(split.corpus)))
     ranked = [[split.corpus[i].id for i in row if i >= 0] for row in ids]
-    return ranking_metrics(ranked, [q.id for q in split.queries], split.qrels)
+    return ranking_metrics(ranked, [q.id for q in split.queries], split.qrels, per_query=per_query)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -121,10 +142,11 @@ def encode_dtype(name: str):
 
 def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: str = "dev", sts: str | Path | None = None,
                    query_instruction: str = "", batch_size: int = 64, max_length: int | None = None,
-                   dtype: str = "auto", show_progress: bool = True) -> dict[str, dict]:
+                   dtype: str = "auto", show_progress: bool = True, per_query: bool = False) -> dict[str, dict]:
     """Load a model directory and evaluate it: {"retrieval": {...}} and/or {"sts": {...}}.
 
     max_length: tokens per text (None: what the model directory says), the same for queries and passages.
+    per_query: the retrieval figures also hold each query's (see `ranking_metrics`).
     """
     from embedlib.encoder import Encoder
 
@@ -134,7 +156,7 @@ def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: 
     if beir:
         results["retrieval"] = evaluate_retrieval(encoder, BeirSplit.load(beir, split), batch_size=batch_size,
                                                   query_instruction=query_instruction, show_progress=show_progress,
-                                                  dtype=compute_dtype)
+                                                  dtype=compute_dtype, per_query=per_query)
     if sts:
         results["sts"] = evaluate_sts(encoder, read_scored_pairs(sts), batch_size=batch_size,
                                       show_progress=show_progress, dtype=compute_dtype)
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
     parser.add_argument("--dtype", choices=ENCODE_DTYPES, default="auto",
                         help="compute dtype of encoding (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--per-query", action="store_true", help="also report each query's retrieval figures")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -160,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = evaluate_model(args.model, beir=args.beir, split=args.split, sts=args.sts,
                              query_instruction=args.query_instruction, batch_size=args.batch_size,
-                             max_length=args.max_length, dtype=args.dtype, show_progress=not args.no_progress)
+                             max_length=args.max_length, dtype=args.dtype, show_progress=not args.no_progress,
+                             per_query=args.per_query)
     text = json.dumps({"model": str(args.model), **results}, indent=2)
     print(text)
     if args.output:
