@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--export-every", type=int, default=15, help="dynamic rows: steps between exports")
     p.add_argument("--check-interval", type=int, default=10, help="dynamic rows: steps between rule checks")
-    p.add_argument("--stsb", type=Path, default=STSB, help="row d: STS-B train file")
+    p.add_argument("--stsb", type=Path, default=STSB,
+                   help="row d: STS-B train file; every row is also scored on dev.tsv beside it, where it exists")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="encoding dtype of mining and evaluation (auto: bfloat16 where the CPU/GPU has it)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "compare_negatives")
@@ -95,7 +96,8 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
     env = child_env(has_gpu, REPO)
     if args.reevaluate:
         record = json.loads((run_dir / "row.json").read_text())
-        return evaluate(run_dir, base if args.row == "zero-shot" else latest_export(run_dir).path, env, record)
+        model = base if args.row == "zero-shot" else latest_export(run_dir).path
+        return evaluate(run_dir, model, env, record, sts_dev(args))
     if run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / "logs").mkdir(parents=True)
@@ -117,18 +119,27 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
         model = export.path
         record["versions_mined"] = sorted(p.name for p in (run_dir / "negatives").glob("v*")) \
             if (run_dir / "negatives").is_dir() else []
-    return evaluate(run_dir, model, env, record)
+    return evaluate(run_dir, model, env, record, sts_dev(args))
 
 
-def evaluate(run_dir: Path, model: Path, env: dict, record: dict) -> dict:
-    """The dev-split figures of `model`, with each query's (for the paired differences of --table)."""
+def sts_dev(args: argparse.Namespace) -> Path | None:
+    dev = args.stsb.with_name("dev.tsv")
+    return dev if dev.exists() else None
+
+
+def evaluate(run_dir: Path, model: Path, env: dict, record: dict, sts: Path | None) -> dict:
+    """The dev-split figures of `model`, with each query's (for the paired differences of --table), and
+    its STS-B dev Spearman when `sts` is given (what row d's second task is for)."""
     output = run_dir / "eval.json"
     run_stage(run_dir, record, "evaluate", env,
               [sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--beir", str(DATA), "--split",
-               "dev", "--max-length", str(record["max_length"]), "--dtype", record["encode_dtype"], "--per-query",
-               "--no-progress", "--output", str(output)])
-    retrieval = json.loads(output.read_text())["retrieval"]
+               "dev", *(["--sts", str(sts)] if sts else []), "--max-length", str(record["max_length"]),
+               "--dtype", record["encode_dtype"], "--per-query", "--no-progress", "--output", str(output)])
+    results = json.loads(output.read_text())
+    retrieval = results["retrieval"]
     record["metrics"] = {k: retrieval[k] for k in METRICS}
+    if "sts" in results:
+        record["metrics"]["sts_spearman"] = results["sts"]["spearman"]
     record["num_queries"] = retrieval["num_queries"]
     record["status"] = "completed"
     atomic_write_json(run_dir / "row.json", record)
@@ -200,13 +211,14 @@ def table(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/row.json"))]
     rows = [r for r in rows if r.get("status") == "completed"]
     rows.sort(key=lambda r: (ROWS.index(r["row"]), r["seed"] or 0))
-    lines = ["| row | seed | steps | nDCG@10 | Recall@100 | MRR@10 | wall s (mine / train / eval) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seed | steps | nDCG@10 | Recall@100 | MRR@10 | STS-B dev Spearman | wall s (mine / train / eval) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
         wall = " / ".join(str(s.get(k, "-")) for k in ("mine", "train", "evaluate"))
+        sts = f"{r['metrics']['sts_spearman']:.4f}" if "sts_spearman" in r["metrics"] else "-"
         lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '-'} | {r['steps']} | "
-                     + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {wall} |")
+                     + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {sts} | {wall} |")
     return "\n\n".join(["\n".join(lines), seed_spread(rows), paired_differences(rows)])
 
 
