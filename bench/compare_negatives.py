@@ -219,7 +219,7 @@ def table(out: Path) -> str:
         sts = f"{r['metrics']['sts_spearman']:.4f}" if "sts_spearman" in r["metrics"] else "-"
         lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '-'} | {r['steps']} | "
                      + " | ".join(f"{r['metrics'][k]:.4f}" for k in METRICS) + f" | {sts} | {wall} |")
-    return "\n\n".join(["\n".join(lines), seed_spread(rows), paired_differences(rows)])
+    return "\n\n".join(["\n".join(lines), seed_spread(rows), paired_differences(rows), dynamic_activity(rows)])
 
 
 def seed_spread(rows: list[dict]) -> str:
@@ -257,6 +257,32 @@ def paired_differences(rows: list[dict]) -> str:
             d = paired_difference(per_query(before, k), per_query(r, k))
             cells.append(f"{d['mean']:+.4f} [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]")
         lines.append(f"| {r['row']} - {previous} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dynamic_activity(rows: list[dict]) -> str:
+    """What the dynamic rows' negatives did, from their metrics.jsonl: the store versions adopted (and
+    at which step), and what the rule's checks found."""
+    lines = ["| row | seed | store version: first step trained with it | checks | stale samples | negatives replaced | "
+             "mean negative score, first -> last check |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["row"] not in ("c", "d"):
+            continue
+        adopted, checks, stale, replaced, scores, version = [], 0, 0, 0, [], None
+        for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            current = m.get("negatives_version", {}).get("scifact")
+            if current != version:
+                adopted.append(f"v{current}: {m['step']}")
+                version = current
+            if "negatives/scifact/stale" in m:
+                checks += 1
+                stale += m["negatives/scifact/stale"]
+                replaced += m["negatives/scifact/replaced"]
+                if m.get("negatives/scifact/mean_score") is not None:
+                    scores.append(m["negatives/scifact/mean_score"])
+        score = f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"
+        lines.append(f"| {r['row']} | {r['seed']} | {', '.join(adopted)} | {checks} | {stale} | {replaced} | {score} |")
     return "\n".join(lines)
 
 
