@@ -264,7 +264,8 @@ def dynamic_activity(rows: list[dict]) -> str:
     """What the dynamic rows' negatives did, from their metrics.jsonl: the store versions adopted (and
     at which step), and what the rule's checks found."""
     lines = ["| row | seed | store version: first step trained with it | checks | stale samples | negatives replaced | "
-             "mean negative score, first -> last check |", "|---|---|---|---|---|---|---|"]
+             "mean negative score, first -> last check | first window shared by the oldest kept and the last version |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["row"] not in ("c", "d"):
             continue
@@ -282,8 +283,29 @@ def dynamic_activity(rows: list[dict]) -> str:
                 if m.get("negatives/scifact/mean_score") is not None:
                     scores.append(m["negatives/scifact/mean_score"])
         score = f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"
-        lines.append(f"| {r['row']} | {r['seed']} | {', '.join(adopted)} | {checks} | {stale} | {replaced} | {score} |")
+        shared = f"{first_window_shared(Path(r['run_dir'])):.3f}"
+        lines.append(f"| {r['row']} | {r['seed']} | {', '.join(adopted)} | {checks} | {stale} | {replaced} | {score} "
+                     f"| {shared} |")
     return "\n".join(lines)
+
+
+def first_window_shared(run_dir: Path) -> float:
+    """Mean fraction of a query's first-window negatives (the ranks every sample starts with) that the
+    run's last negative-store version shares with its first: how much re-mining changed them."""
+    import yaml
+
+    from embedlib.negstore import NegativeStore
+
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"][0]
+    window = slice(data["neg_offset"], data["neg_offset"] + data["num_negatives"])
+    store = NegativeStore(run_dir)
+    versions = store.versions()
+    with store.open(versions[0]) as first, store.open(versions[-1]) as last:
+        fractions = []
+        for row in range(first.num_queries):
+            before = set(first.candidates(row)[0][window].tolist())
+            fractions.append(len(before & set(last.candidates(row)[0][window].tolist())) / max(1, len(before)))
+    return sum(fractions) / len(fractions)
 
 
 if __name__ == "__main__":
