@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,8 @@ if str(REPO) not in sys.path:
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import resolve_model_dir  # noqa: E402
-from embedlib.launch import child_env, free_port, has_bf16  # noqa: E402
+from embedlib.launch import (child_env, has_bf16, sidecar_command, stop_process, trainer_command,  # noqa: E402
+                             trainer_env)
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DATA = REPO / "data" / "scifact"
@@ -173,37 +173,18 @@ def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gp
         overrides += ["negatives.dynamic=true", f"negatives.check_interval={args.check_interval}"]
     if args.row == "d":
         overrides.append(f"data.1={{name: stsb, kind: sts, path: {args.stsb}, batch_size: {args.batch_size}}}")
-    launcher = Path(sys.executable).parent / "deepspeed"
-    ranks = [] if has_gpu else ["--num_gpus", "2"]
-    trainer = [str(launcher), *ranks, "--master_port", str(free_port()), str(REPO / "training" / "main.py"),
-               "--config", str(RECIPE), *overrides]
-    trainer_env = dict(env)
-    if not has_gpu:  # 2 CPU ranks share the cores
-        trainer_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    sidecar = None
-    if dynamic:
-        cmd = [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
-               "--no-progress", *([] if has_gpu else ["--threads", "1"])]
-        record["commands"]["sidecar"] = shlex.join(cmd)
-        sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(run_dir / "logs" / "sidecar.log", "ab"),
-                                   stderr=subprocess.STDOUT)
-    record["commands"]["train"] = shlex.join(trainer)
-    start = time.perf_counter()
+    trainer = trainer_command(REPO, RECIPE, overrides, has_gpu)
+    if not dynamic:
+        run_stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
+        return
+    cmd = sidecar_command(run_dir, has_gpu)
+    record["commands"]["sidecar"] = shlex.join(cmd)
+    with open(run_dir / "logs" / "sidecar.log", "ab") as log:
+        sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        with open(run_dir / "logs" / "train.log", "ab") as log:
-            result = subprocess.run(trainer, cwd=REPO, env=trainer_env, stdout=log, stderr=subprocess.STDOUT)
+        run_stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
     finally:
-        if sidecar is not None:  # SIGTERM stops it cleanly, mid-pass too
-            sidecar.send_signal(signal.SIGTERM)
-            try:
-                sidecar.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                sidecar.kill()
-                sidecar.wait()
-    record["seconds"]["train"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(run_dir / "row.json", record)
-    if result.returncode != 0:
-        raise SystemExit(f"compare_negatives: training failed ({result.returncode}); see {run_dir}/logs/train.log")
+        stop_process(sidecar)
 
 
 def table(out: Path) -> str:
@@ -239,10 +220,11 @@ def paired_differences(rows: list[dict]) -> str:
     difference with its 95% bootstrap interval over the dev queries (rows evaluated with --per-query)."""
     from embedlib.evaluation import paired_difference
 
-    def per_query(r: dict, metric: str) -> dict[str, float] | None:
-        result = json.loads((Path(r["run_dir"]) / "eval.json").read_text())["retrieval"]
-        return {q: v[metric] for q, v in result["per_query"].items()} if "per_query" in result else None
+    def per_query(r: dict) -> dict[str, dict[str, float]]:
+        """{query id: {metric: value}}; empty for a row evaluated without --per-query."""
+        return json.loads((Path(r["run_dir"]) / "eval.json").read_text())["retrieval"].get("per_query", {})
 
+    scores = {r["run_dir"]: per_query(r) for r in rows}
     lines = ["| comparison | seed | " + " | ".join(f"{k} difference [95% CI]" for k in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for r in rows:
@@ -250,11 +232,12 @@ def paired_differences(rows: list[dict]) -> str:
             continue
         previous = ROWS[ROWS.index(r["row"]) - 1]
         before = next((b for b in rows if b["row"] == previous and b["seed"] in (r["seed"], None)), None)
-        if before is None or per_query(r, METRICS[0]) is None or per_query(before, METRICS[0]) is None:
+        if before is None or not scores[r["run_dir"]] or not scores[before["run_dir"]]:
             continue
         cells = []
         for k in METRICS:
-            d = paired_difference(per_query(before, k), per_query(r, k))
+            d = paired_difference({q: v[k] for q, v in scores[before["run_dir"]].items()},
+                                  {q: v[k] for q, v in scores[r["run_dir"]].items()})
             cells.append(f"{d['mean']:+.4f} [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]")
         lines.append(f"| {r['row']} - {previous} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,9 +1,13 @@
 """For scripts that drive the entrypoints as subprocesses (scripts/quickstart.py, bench/): the
-environment the children need, a free port for a launcher, and whether bfloat16 encoding pays off."""
+environment the children need, the trainer and sidecar command lines, stopping the sidecar, and
+whether bfloat16 encoding pays off."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +40,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def trainer_command(repo: Path, recipe: Path, args: list[str], has_gpu: bool) -> list[str]:
+    """`deepspeed training/main.py --config RECIPE ARGS` on every GPU, or on 2 CPU ranks without one
+    (the launcher starts one process on CPU unless told how many)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    ranks = [] if has_gpu else ["--num_gpus", "2"]
+    return [str(launcher), *ranks, "--master_port", str(free_port()), str(repo / "training" / "main.py"),
+            "--config", str(recipe), *args]
+
+
+def trainer_env(env: dict, has_gpu: bool) -> dict:
+    """`env` for the trainer: on CPU its 2 ranks share the cores; more threads than cores slow both."""
+    env = dict(env)
+    if not has_gpu:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    return env
+
+
+def sidecar_command(run_dir: Path, has_gpu: bool) -> list[str]:
+    """The mining sidecar for `run_dir`; on CPU one thread, so that training keeps most of the cores."""
+    return [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
+            "--no-progress", *([] if has_gpu else ["--threads", "1"])]
+
+
+def stop_process(process: subprocess.Popen, grace_seconds: float = 60.0) -> int:
+    """SIGTERM, then wait; the sidecar stops cleanly on SIGTERM (mid-pass too). SIGKILL only if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +34,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not ins
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import EncoderError, resolve_model_dir  # noqa: E402
-from embedlib.launch import child_env, free_port, has_bf16  # noqa: E402
+from embedlib.launch import child_env, has_bf16, sidecar_command, stop_process, trainer_command, trainer_env  # noqa: E402
 from embedlib.negstore import NegativeStore  # noqa: E402
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
@@ -163,45 +161,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
 def train(args: argparse.Namespace, run_dir: Path, base_model: Path, pairs: Path, corpus: Path, env: dict,
           has_gpu: bool) -> None:
     """The trainer under the deepspeed launcher, the mining sidecar beside it; the sidecar stops after."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    # Without a GPU the launcher starts one process unless told how many: 2 CPU ranks. With GPUs it
-    # uses all of them when no count is given.
-    ranks = [] if has_gpu else ["--num_gpus", "2"]
     overrides = [f"run_dir={run_dir}", f"model.path={base_model}", f"data.0.path={pairs}", f"data.0.corpus={corpus}",
                  f"model.max_length={args.max_length}", f"train.max_steps={args.max_steps}",
                  f"data.0.batch_size={args.batch_size}", f"optim.lr={args.lr}",
                  *(["train.progress=false"] if args.no_progress else []), *args.overrides]
-    trainer = [str(launcher), *ranks, "--master_port", str(free_port()), str(REPO / "training" / "main.py"),
-               "--config", str(RECIPE), *(["--resume"] if args.resume else []), *overrides]
-    # On CPU the sidecar shares the cores with the ranks: one thread, so that training keeps most of them.
-    sidecar_cmd = [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
-                   "--no-progress", *([] if has_gpu else ["--threads", "1"])]
-    trainer_env = dict(env)
-    if not has_gpu:  # 2 CPU ranks share the cores; more threads than cores only slows both
-        trainer_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    trainer = trainer_command(REPO, RECIPE, [*(["--resume"] if args.resume else []), *overrides], has_gpu)
+    sidecar_cmd = sidecar_command(run_dir, has_gpu)
     with open(run_dir / "logs" / "sidecar.log", "ab") as log:
         sidecar = subprocess.Popen(sidecar_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        result = subprocess.run(trainer, cwd=REPO, env=trainer_env)
+        result = subprocess.run(trainer, cwd=REPO, env=trainer_env(env, has_gpu))
     finally:
-        sidecar_code = stop(sidecar)
+        sidecar_code = stop_process(sidecar)
     check(result, "training")
     if sidecar_code != 0:
         raise QuickstartError(f"the mining sidecar exited with status {sidecar_code}; see {run_dir / 'logs' / 'sidecar.log'}")
-
-
-def stop(process: subprocess.Popen, grace_seconds: float = 60.0) -> int:
-    """SIGTERM, then wait; the sidecar stops cleanly on SIGTERM (mid-pass too). SIGKILL only if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 def evaluate(model: Path, args: argparse.Namespace, dtype: str) -> dict:
