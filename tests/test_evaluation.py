@@ -4,7 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from embedlib.evaluation import BeirSplit, evaluate_retrieval, paired_difference, ranking_metrics, spearman
+from embedlib.evaluation import (BeirSplit, EvaluationError, evaluate_model, evaluate_retrieval, evaluate_sts,
+                                 paired_difference, ranking_metrics, spearman)
+from embedlib.records import RecordError, ScoredPair
 
 
 def test_ranking_metrics_by_hand():
@@ -78,3 +80,68 @@ def test_minilm_retrieves_scifact_dev_better_than_chance(minilm_dir, scifact_dir
     assert m["num_queries"] == 20
     assert m["ndcg@10"] > 0.5  # all-MiniLM-L6-v2 scores about 0.64 on the full SciFact test set
     assert m["recall@100"] > 0.8
+
+
+# ---- the library refuses input that would give 0.0 or NaN figures -----------------------------------------
+
+
+def test_ranking_metrics_without_a_relevant_document_raises():
+    with pytest.raises(EvaluationError, match="no query has a relevant document"):
+        ranking_metrics([["a"], ["b"]], ["q1", "q2"], {"q1": {"a": 0}})
+
+
+def test_evaluate_retrieval_refuses_an_empty_split():
+    # The check comes before any encoding, so no encoder is needed.
+    with pytest.raises(EvaluationError, match="nothing to search: 0 documents, 0 queries"):
+        evaluate_retrieval(None, BeirSplit(corpus=[], queries=[], qrels={}))
+
+
+def test_evaluate_sts_refuses_pairs_without_two_scores():
+    with pytest.raises(EvaluationError, match="^no sentence pairs$"):
+        evaluate_sts(None, [])
+    with pytest.raises(EvaluationError, match="all 2 pairs have the score 1; Spearman's correlation"):
+        evaluate_sts(None, [ScoredPair("a", "b", 1.0), ScoredPair("c", "d", 1.0)])
+
+
+def test_beir_load_names_the_qrels_line_of_an_unknown_document(tmp_path):
+    from test_evaluation_cli import write_beir
+
+    beir = write_beir(tmp_path / "beir")
+    with open(beir / "qrels.dev.tsv", "a") as f:
+        f.write("q2\td5\t2\n")
+    with pytest.raises(RecordError) as raised:
+        BeirSplit.load(beir, "dev")
+    error = raised.value
+    assert (error.path, error.line, error.field) == (str(beir / "qrels.dev.tsv"), 5, "corpus-id")
+    assert error.message == f"unknown id 'd5': not in {beir / 'corpus.jsonl'}"
+
+
+def test_beir_load_keeps_the_queries_with_a_relevant_document(tmp_path):
+    from test_evaluation_cli import write_beir
+
+    split = BeirSplit.load(write_beir(tmp_path / "beir"), "dev")
+    assert [q.id for q in split.queries] == ["q1", "q2"] and len(split.corpus) == 4
+    (tmp_path / "beir" / "qrels.dev.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td3\t1\nq1\td1\t0\n")
+    assert [q.id for q in BeirSplit.load(tmp_path / "beir", "dev").queries] == ["q2"]  # q1: relevance 0 only
+
+
+def test_evaluate_model_checks_options_and_data_before_loading(tmp_path, tiny_bert_dir, monkeypatch):
+    from test_evaluation_cli import write_beir
+
+    from embedlib.encoder import Encoder
+
+    def load(*args, **kwargs):
+        pytest.fail("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(Encoder, "from_pretrained", load)
+    beir = write_beir(tmp_path / "beir")
+    (beir / "queries.dev.jsonl").write_text('{"_id": "q1", "text": ""}\n')
+    with pytest.raises(RecordError, match=r"queries.dev.jsonl:1: field 'text': empty string"):
+        evaluate_model(tiny_bert_dir, beir=beir)
+    with pytest.raises(EvaluationError, match="batch size must be a positive integer, got 0"):
+        evaluate_model(tiny_bert_dir, beir=beir, batch_size=0)
+    with pytest.raises(EvaluationError, match="nothing to evaluate"):
+        evaluate_model(tiny_bert_dir)
+    write_beir(beir)
+    with pytest.raises(EvaluationError, match="no such directory"):
+        evaluate_model(tmp_path / "no-model", beir=beir)
