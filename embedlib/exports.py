@@ -12,15 +12,14 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from embedlib.atomic import atomic_write_json, publish_dir
+from embedlib.rundir import EXPORTS, TMP_PREFIX, TRASH_PREFIX, discard_dir, remove_debris, utc_now
 
-EXPORTS_DIRNAME = "exports"
 MARKER = "export.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -32,7 +31,7 @@ class ExportInfo:
 
 
 def exports_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / EXPORTS_DIRNAME
+    return Path(run_dir) / EXPORTS
 
 
 def list_exports(run_dir: str | os.PathLike) -> list[ExportInfo]:
@@ -65,11 +64,11 @@ def publish_export(
     final = root / f"step_{step:08d}"
     if (final / MARKER).is_file():
         return ExportInfo(step=step, path=final)
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f"{TMP_PREFIX}step_{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
-        marker = {"step": step, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        marker = {"step": step, "created_at": utc_now()}
         marker.update(extra or {})
         atomic_write_json(tmp / MARKER, marker)
         publish_dir(tmp, final)
@@ -97,11 +96,7 @@ def gc_exports(run_dir: str | os.PathLike, keep: int, protect: set[int] = frozen
     for export in exports[: max(0, len(exports) - keep)]:
         if export.step in protect:
             continue
-        # Rename first so a concurrent reader never sees a half-deleted export as complete.
-        doomed = root / f".trash-{export.path.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(export.path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        discard_dir(export.path)  # a concurrent reader never sees a half-deleted export as complete
         removed.append(export.step)
-    for debris in list(root.glob(".tmp-*")) + list(root.glob(".trash-*")):
-        shutil.rmtree(debris, ignore_errors=True)
+    remove_debris(root, (TMP_PREFIX, TRASH_PREFIX))
     return removed

@@ -51,11 +51,11 @@ import numpy as np
 
 from embedlib.atomic import atomic_write_json, fsync_dir, publish_dir
 from embedlib.progress import progress_task
+from embedlib.rundir import NEGATIVES, TMP_PREFIX, TRASH_PREFIX, discard_dir, utc_now
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-NEGATIVES_DIRNAME = "negatives"
 MANIFEST = "manifest.json"
 CANDIDATES = "candidates.npy"
 SCORES = "scores.npy"
@@ -333,7 +333,7 @@ class NegativeStore:
     """The negatives of one run directory: publish (miner) and open (trainer) versions."""
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.root = Path(os.path.abspath(run_dir)) / NEGATIVES_DIRNAME
+        self.root = Path(os.path.abspath(run_dir)) / NEGATIVES
         self._checksum_problems: dict[tuple, str | None] = {}  # key -> None (ok) or the problem
         self._checksum_locks: dict[tuple, threading.Lock] = {}
         self._mutex = threading.Lock()
@@ -391,7 +391,7 @@ class NegativeStore:
         with self._locked():  # so cleanup_tmp never sees the directory before its lock exists
             self._cleanup_tmp_locked()
             tentative = _version_name((self.latest_version() or 0) + 1)
-            tmp_dir = self.root / f".tmp-{tentative}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp_dir = self.root / f"{TMP_PREFIX}{tentative}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp_dir.mkdir()
             lock_fd = os.open(tmp_dir / _WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -440,7 +440,7 @@ class NegativeStore:
         for _ in range(_MAX_PUBLISH_ATTEMPTS):
             version = (self.latest_version() or 0) + 1
             manifest["version"] = version
-            manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            manifest["created_at"] = utc_now()
             atomic_write_json(tmp_dir / MANIFEST, manifest)  # last: its presence means complete
             try:
                 publish_dir(tmp_dir, self.root / _version_name(version))
@@ -605,11 +605,11 @@ class NegativeStore:
         removed = []
         for entry in sorted(self.root.iterdir()):
             dead_writer = (
-                entry.name.startswith(".tmp-")
+                entry.name.startswith(TMP_PREFIX)
                 and str(entry) not in _live_writers
                 and not _writer_alive(entry)
             )
-            if dead_writer or entry.name.startswith(".trash-"):
+            if dead_writer or entry.name.startswith(TRASH_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed
@@ -630,11 +630,7 @@ class NegativeStore:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return False  # a live reader holds it
-                # Rename first so that no reader ever sees a half-deleted version as complete.
-                trash = self.root / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
-                os.rename(path, trash)
-                fsync_dir(self.root)
-                shutil.rmtree(trash, ignore_errors=True)
+                discard_dir(path)  # no reader ever sees a half-deleted version as complete
                 return True
             finally:
                 if fd >= 0:

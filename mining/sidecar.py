@@ -10,10 +10,15 @@ The trainer never waits for it: the sidecar only reads exports, and the trainer 
 when it likes. With `every` = n it mines once n new exports have appeared since its last version
 (always the newest of them). It stops on SIGTERM or SIGINT, and with stop_when_finished once the
 trainer's RUN/run.json says the run ended ("completed" or "failed"; a "preempted" run will resume).
+
+Disk stays bounded: after each pass it removes all but the newest keep_versions versions of the store
+(never the newest, never one a live reader holds open: the trainer holds the versions it trains with;
+the pass's refreshes.jsonl record lists them) and all but the keep_cache_models newest model entries
+of the embedding cache. Its inputs (spec.json, the corpus and pairs it names, the cache directory) are
+checked at start, so that a bad one ends it at once rather than at the first export.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -22,14 +27,13 @@ from pathlib import Path
 
 from embedlib.exports import ExportInfo, list_exports
 from embedlib.negstore import NegativeStore
+from embedlib.rundir import read_status
 from mining.distributed import LocalComm
 from mining.embeddings import clean_temporary_files, gc_cache
-from mining.job import mine
-from mining.spec import MiningError, cache_root, load_spec
+from mining.options import option
+from mining.spec import MiningError, cache_root, check_ranges, load_spec
 
 log = logging.getLogger("mining.sidecar")
-
-RUN_STATUS = "run.json"
 
 
 class _Stop(BaseException):
@@ -39,23 +43,34 @@ class _Stop(BaseException):
 
 @dataclass
 class SidecarConfig:
-    run_dir: Path
-    poll_seconds: float = 10.0
-    every: int = 1
-    stop_when_finished: bool = False
-    keep_cache_models: int = 2  # embedding cache entries (one per model) kept after each refresh
-    show_progress: bool = True
+    """The sidecar's settings: its command-line options (made from these fields by mining/options.py).
+    Each field's help is its one description; range checks are made here, in __post_init__."""
 
+    run_dir: Path = option("the run directory: RUN/mining/spec.json (written by `mine`) says what to mine")
+    poll_seconds: float = option("seconds between two looks at RUN/exports", 10.0)
+    every: int = option("mine once this many new exports appeared", 1)
+    stop_when_finished: bool = option(
+        'stop once the trainer\'s RUN/run.json status is "completed" or "failed"', False)
+    keep_cache_models: int = option("model entries kept in the embedding cache after each pass", 2,
+                                    flag="--keep-cache")
+    keep_versions: int = option(
+        "negative-store versions kept after each pass: older ones are removed, except those a live reader "
+        "(the trainer) holds open", 3)
+    show_progress: bool = option("progress bars on stderr", True, cli=False)
 
-# The trainer's run.json statuses (training/main.py) after which no more exports will come.
-FINAL_RUN_STATUSES = ("completed", "failed")
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        check_ranges([
+            ("poll_seconds", self.poll_seconds > 0, f"must be > 0, got {self.poll_seconds}"),
+            ("every", self.every >= 1, f"must be >= 1, got {self.every}"),
+            ("keep_cache_models", self.keep_cache_models >= 1, f"must be >= 1, got {self.keep_cache_models}"),
+            ("keep_versions", self.keep_versions >= 1, f"must be >= 1, got {self.keep_versions}"),
+        ])
 
 
 def run_finished(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / RUN_STATUS).read_text(encoding="utf-8")).get("status") in FINAL_RUN_STATUSES
-    except (OSError, ValueError, AttributeError):
-        return False
+    status = read_status(run_dir)
+    return status is not None and status.final
 
 
 def last_mined_step(store: NegativeStore) -> int:
@@ -78,8 +93,11 @@ def choose_export(exports: list[ExportInfo], done: int, seen: set[int], every: i
 
 def run_sidecar(config: SidecarConfig) -> int:
     """Loop until stopped; returns the number of versions published."""
-    run_dir = Path(config.run_dir)
+    from mining.job import check_inputs, mine  # torch: not imported by `python -m mining sidecar --help`
+
+    run_dir = config.run_dir
     spec = load_spec(run_dir)
+    check_inputs(spec, run_dir)  # bad inputs end the sidecar now, not at the first export, hours later
     store = NegativeStore(run_dir)
     cache = cache_root(spec, run_dir)
     for path in clean_temporary_files(cache):
@@ -104,7 +122,7 @@ def run_sidecar(config: SidecarConfig) -> int:
             if export is not None:
                 try:
                     mine(spec, export.path, run_dir, LocalComm(), model_step=export.step, mode="sidecar",
-                         show_progress=config.show_progress)
+                         show_progress=config.show_progress, keep_versions=config.keep_versions)
                 except MiningError:
                     if export.path.exists():
                         raise

@@ -3,84 +3,109 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedlib.atomic import atomic_write_json
+from embedlib.rundir import MINING
+from mining.options import option
 
-MINING_DIRNAME = "mining"
 SPEC_NAME = "spec.json"
 REFRESHES_NAME = "refreshes.jsonl"
 INDEX_KINDS = ("exact", "ivf", "hnsw")
 ENCODE_DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "gpu")
 
 
 class MiningError(Exception):
     """Bad input or a bad run directory: the message is one line naming the problem; nothing is published."""
 
 
+class InvalidOption(MiningError):
+    """A setting out of range. `field` names it, so that the command line can name its flag instead."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def check_options(obj) -> None:
+    """InvalidOption for the first field whose value is not among its option()'s choices."""
+    for f in dataclasses.fields(obj):
+        choices, value = f.metadata.get("choices"), getattr(obj, f.name)
+        if choices and value not in choices:
+            raise InvalidOption(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_ranges(checks: list[tuple[str, bool, str]]) -> None:
+    """InvalidOption for the first (field, ok, problem) that is not ok."""
+    for name, ok, problem in checks:
+        if not ok:
+            raise InvalidOption(name, problem)
+
+
 @dataclass
 class MiningSpec:
-    """Everything a mining pass needs besides the model.
-
-    corpus, pairs:     the corpus (BEIR) and the training pairs (FlagEmbedding jsonl); store rows are the
-                       pairs in file order and candidate ids are corpus rows in file order.
-    k:                 candidates kept per query, in rank order.
-    positive_margin:   NV-Retriever's positive-aware filter: drop candidates scoring above
-                       positive_margin * (the query's lowest positive score); None turns it off.
-    score_cap:         drop candidates scoring above this absolute value; None turns it off.
-    query_instruction: prefix for every query text (decoder embedders need one); a pair's own
-                       "instruction" field wins over it.
-    max_length:        passage tokens (None: the model's); query_max_length likewise for queries.
-    encode_dtype:      compute dtype of encoding: "auto" (bfloat16 on CUDA, float32 on CPU), or forced.
-    index:             "exact" (FAISS flat, GPUs when present), or "ivf" / "hnsw" (approximate, CPU,
-                       with recall against exact search measured on recall_sample queries).
-    block_rows:        corpus rows per encoding call and per cache file. Shards are whole blocks, so
-                       the batches, and hence the embeddings, do not depend on the number of ranks.
-    search_slack:      candidates searched beyond k + the most excluded rows of any query, so the
-                       filters rarely need a second, deeper search; max_depth bounds deepening.
-    cache_dir:         corpus embedding cache; None: RUN/mining/cache.
+    """Everything a mining pass needs besides the model: what `python -m mining mine` takes on its
+    command line (made from these fields by mining/options.py) and writes to RUN/mining/spec.json for
+    the sidecar. Each field's help is its one description; `python -m mining mine --help` prints them
+    with their defaults. Range checks are made here, in __post_init__, for both.
     """
 
-    corpus: str
-    pairs: str
-    k: int = 200
-    positive_margin: float | None = 0.95
-    score_cap: float | None = None
-    query_instruction: str = ""
-    batch_size: int = 64
-    max_length: int | None = None
-    query_max_length: int | None = None
-    encode_dtype: str = "auto"
-    index: str = "exact"
-    device: str = "auto"
-    nlist: int | None = None
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_search: int = 256
-    recall_sample: int = 1000
-    block_rows: int = 4096
-    search_slack: int = 32
-    max_depth: int = 2048
-    cache_dir: str | None = None
+    corpus: str = option("BEIR corpus (.jsonl, .jsonl.gz, .parquet); candidate ids are its rows in file order")
+    pairs: str = option("training pairs (FlagEmbedding format); the store's rows are the pairs in file order",
+                        flag="--queries")
+    k: int = option("candidates kept per query, in rank order", 200)
+    positive_margin: float | None = option(
+        "NV-Retriever's positive-aware filter: drop candidates scoring above this times the query's lowest "
+        "positive score", 0.95)
+    score_cap: float | None = option("drop candidates scoring above this absolute score", None)
+    query_instruction: str = option(
+        "prefix for every query (decoder embedders need one); a pair's own \"instruction\" field wins over it", "")
+    batch_size: int = option("texts per encoding batch", 64)
+    max_length: int | None = option("passage tokens (default: the model's)", None)
+    query_max_length: int | None = option("query tokens (default: the passage length)", None)
+    encode_dtype: str = option("compute dtype of encoding: auto is bfloat16 on CUDA, float32 on CPU", "auto",
+                               choices=ENCODE_DTYPES)
+    index: str = option("exact: FAISS flat, on GPUs when present; ivf or hnsw: approximate, on the CPU, with "
+                        "the recall against exact search measured on recall_sample queries", "exact",
+                        choices=INDEX_KINDS)
+    device: str = option("FAISS device of exact search", "auto", choices=DEVICES)
+    nlist: int | None = option("IVF lists (default: about 4 sqrt(corpus rows))", None)
+    nprobe: int = option("IVF lists probed per query", 32)
+    hnsw_m: int = option("HNSW links per node", 32)
+    ef_search: int = option("HNSW search breadth (efSearch; at least the search depth)", 256)
+    recall_sample: int = option("queries on which an approximate index's recall is measured", 1000)
+    block_rows: int = option(
+        "corpus rows per encoding call and per cache file. Shards are whole blocks, so the batches, and hence "
+        "the embeddings, do not depend on the number of ranks", 4096)
+    search_slack: int = option(
+        "candidates searched beyond k + the most excluded rows of any query, so that the filters rarely need "
+        "a second, deeper search", 32)
+    max_depth: int = option("deepest search when the filters leave a query fewer than k candidates", 2048)
+    cache_dir: str | None = option("corpus embedding cache (default: RUN/mining/cache)", None)
 
     def __post_init__(self):
-        checks = [
-            (self.k >= 1, f"k must be >= 1, got {self.k}"),
-            (self.positive_margin is None or self.positive_margin > 0,
-             f"positive_margin must be > 0, got {self.positive_margin}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.encode_dtype in ENCODE_DTYPES, f"encode_dtype must be one of {ENCODE_DTYPES}"),
-            (self.index in INDEX_KINDS, f"index must be one of {INDEX_KINDS}, got {self.index!r}"),
-            (self.device in ("auto", "cpu", "gpu"), f"device must be auto, cpu or gpu, got {self.device!r}"),
-            (self.block_rows >= 1, f"block_rows must be >= 1, got {self.block_rows}"),
-            (self.search_slack >= 0, f"search_slack must be >= 0, got {self.search_slack}"),
-            (self.max_depth >= self.k, f"max_depth ({self.max_depth}) must be >= k ({self.k})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MiningError(message)
+        check_options(self)
+
+        def at_least(low: int, *names: str, optional: bool = False) -> list[tuple[str, bool, str]]:
+            values = {name: getattr(self, name) for name in names}
+            return [(name, (optional and value is None) or value >= low, f"must be >= {low}, got {value}")
+                    for name, value in values.items()]
+
+        check_ranges([
+            *at_least(1, "k", "batch_size", "nprobe", "hnsw_m", "ef_search", "recall_sample", "block_rows"),
+            *at_least(1, "nlist", optional=True),
+            *at_least(2, "max_length", "query_max_length", optional=True),  # the special tokens take two
+            *at_least(0, "search_slack"),
+            ("positive_margin", self.positive_margin is None or 0 < self.positive_margin < math.inf,
+             f"must be > 0 and finite (or off), got {self.positive_margin}"),
+            ("score_cap", self.score_cap is None or math.isfinite(self.score_cap),
+             f"must be a finite number (or off), got {self.score_cap}"),
+            ("max_depth", self.max_depth >= self.k, f"must be >= k ({self.k}), got {self.max_depth}"),
+        ])
         self.corpus = os.path.abspath(self.corpus)
         self.pairs = os.path.abspath(self.pairs)
         if self.cache_dir is not None:
@@ -88,7 +113,7 @@ class MiningSpec:
 
 
 def mining_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / MINING_DIRNAME
+    return Path(run_dir) / MINING
 
 
 def cache_root(spec: MiningSpec, run_dir: str | os.PathLike) -> Path:
@@ -115,5 +140,5 @@ def load_spec(run_dir: str | os.PathLike) -> MiningSpec:
         raise MiningError(f"{path}: unknown fields {sorted(set(data) - known) if isinstance(data, dict) else data}")
     try:
         return MiningSpec(**data)
-    except TypeError as e:
+    except (TypeError, MiningError) as e:  # a missing field, or one out of range
         raise MiningError(f"{path}: {e}") from None

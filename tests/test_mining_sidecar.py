@@ -47,7 +47,9 @@ def _export(run, step, model):
 def _start(run, log_path):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            mining_command("sidecar", "--run-dir", run, "--poll-seconds", 0.1, "--stop-when-finished"),
+            # every version kept: this test follows the numbering (tests/test_mining_prune.py: removal)
+            mining_command("sidecar", "--run-dir", run, "--poll-seconds", 0.1, "--stop-when-finished",
+                           "--keep-versions", 100),
             cwd=REPO, env=mining_env(), stdout=log, stderr=subprocess.STDOUT)
     process.log_path = log_path
     return process

@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
 
 from embedlib.atomic import atomic_write_json, fsync_tree
+from embedlib.rundir import CHECKPOINTS, TRASH_PREFIX, discard_dir, remove_debris, utc_now
 
-CHECKPOINTS_DIRNAME = "checkpoints"
 MARKER = "complete.json"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoints_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIRNAME
+    return Path(run_dir) / CHECKPOINTS
 
 
 def tag_of(step: int) -> str:
@@ -65,7 +62,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists() and not (tag_dir / MARKER).is_file():
-            _remove(tag_dir)  # left by a save killed at this very step
+            discard_dir(tag_dir)  # left by a save killed at this very step
     dist.barrier()
     if (tag_dir / MARKER).is_file():  # already saved at this step (e.g. periodic save, then the end)
         return tag_dir
@@ -76,7 +73,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     dist.barrier()
     if rank == 0:
         atomic_write_json(tag_dir / MARKER, {"step": step, "world_size": dist.get_world_size(),
-                                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                              "created_at": utc_now()})
         _gc(root, keep)
     dist.barrier()
     return tag_dir
@@ -110,16 +107,8 @@ def _gc(root: Path, keep: int) -> None:
     complete = sorted(int(m.group(1)) for e in root.iterdir()
                       if (m := _TAG.match(e.name)) and (e / MARKER).is_file())
     kept = set(complete[-keep:])
-    for entry in root.iterdir():
+    for entry in list(root.iterdir()):
         match = _TAG.match(entry.name)
         if match and int(match.group(1)) not in kept:
-            _remove(entry)
-        elif entry.name.startswith(".trash-"):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _remove(tag_dir: Path) -> None:
-    # Rename first, so a checkpoint is never seen half deleted with its marker still in place.
-    doomed = tag_dir.parent / f".trash-{tag_dir.name}-{uuid.uuid4().hex[:8]}"
-    os.rename(tag_dir, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+            discard_dir(entry)  # never seen half deleted with its marker still in place
+    remove_debris(root, (TRASH_PREFIX,))
