@@ -16,6 +16,8 @@ import random
 import time
 from dataclasses import dataclass
 
+from .redact import Redactor, basic_auth_token, split_credentials
+
 log = logging.getLogger("data_gen")
 
 
@@ -45,7 +47,9 @@ class FatalBackendError(RuntimeError):
 
 @dataclass
 class HttpConfig:
-    base_url: str  # e.g. http://node17:8000/v1; requests go to {base_url}/chat/completions
+    # e.g. http://node17:8000/v1; requests go to {base_url}/chat/completions. A user:password@ in it is sent
+    # as HTTP basic auth, which excludes an API key: both would be the Authorization header.
+    base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"  # the variable's name; its value is never logged or written
     concurrency: int = 32
@@ -88,21 +92,39 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, config: HttpConfig):
+        """Checks the credentials (ValueError) and neither logs nor connects: the command builds it before
+        it reads the corpus."""
         self.config = config
-        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        base_url, user, password = split_credentials(config.base_url)
+        # Without credentials, so that every message may show it; they go in the Authorization header.
+        self.url = base_url.rstrip("/") + "/chat/completions"
         self.retries = 0  # retried attempts, for the summary
         self._rng = random.Random()
         self._headers = {}
-        api_key = os.environ.get(config.api_key_env)
+        api_key = (os.environ.get(config.api_key_env) or "").strip()
+        if api_key and user is not None:  # one header cannot carry both, and sending either could be wrong
+            raise ValueError(f"{base_url}: credentials in the URL and ${config.api_key_env} both set: both would "
+                             f"be the Authorization header")
+        if any(c.isspace() or not c.isprintable() for c in api_key):  # e.g. a line break: aiohttp refuses it
+            raise ValueError(f"${config.api_key_env} holds spaces or control characters: not an API key")
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        else:
-            log.info("$%s is not set: sending requests without an API key", config.api_key_env)
+        elif user is not None:
+            self._headers["Authorization"] = f"Basic {basic_auth_token(user, password)}"
+        # Servers echo requests in error bodies; anything of theirs is scrubbed before it is shown.
+        self._redact = Redactor(api_key, config.base_url)
         self._session = None
+
+    def _excerpt(self, text: str, limit: int) -> str:
+        """Server or library text as it may be shown: scrubbed of secrets (before it is cut, so that no
+        part of one is left), on one line, at most `limit` characters."""
+        return " ".join(self._redact(text).split())[:limit]
 
     async def __aenter__(self) -> OpenAIBackend:
         import aiohttp
 
+        if not self._headers:
+            log.info("$%s is not set: sending requests without an API key", self.config.api_key_env)
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             connector=aiohttp.TCPConnector(limit=self.config.concurrency),
@@ -143,21 +165,21 @@ class OpenAIBackend:
             except TimeoutError:
                 reason, detail = "timeout", f"no complete reply within {self.config.timeout:g} s"
             except aiohttp.ClientError as e:  # refused, reset, cut off mid-body
-                reason, detail = "connection", f"{type(e).__name__}: {e}"
+                reason, detail = "connection", self._excerpt(f"{type(e).__name__}: {e}", 300)
             else:
                 if status == 200:
                     try:
                         return _parse_completion(text)
                     except ValueError as e:
-                        reason, detail = "malformed_body", str(e)
+                        reason, detail = "malformed_body", f"{e}: {self._excerpt(text, 200)!r}"
                 elif status == 429 or status >= 500:
-                    reason, detail = f"http_{status}", text[:200]
+                    reason, detail = f"http_{status}", self._excerpt(text, 200)
                     retry_after = retry_after_seconds(retry_after_header)
                 elif status in (401, 403, 404):
                     raise FatalBackendError(f"{self.url} answered HTTP {status} for model {self.config.model!r}: "
-                                            f"{text[:300]}")
+                                            f"{self._excerpt(text, 300)}")
                 else:  # another 4xx, e.g. a passage too long for the model's context: this request only
-                    raise GenerationFailed(f"http_{status}", text[:200])
+                    raise GenerationFailed(f"http_{status}", self._excerpt(text, 200))
             if attempt == self.config.max_retries:
                 raise GenerationFailed(reason, f"{detail} (after {attempt + 1} attempts)")
             self.retries += 1
@@ -172,12 +194,16 @@ def _parse_completion(text: str) -> Generation:
     try:
         data = json.loads(text)
         content = data["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"not a chat-completions body ({type(e).__name__}): {text[:200]!r}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # the caller adds the body, scrubbed
+        raise ValueError(f"not a chat-completions body ({type(e).__name__})") from None
     if not isinstance(content, str):
         raise ValueError(f"choices[0].message.content is {type(content).__name__}, not a string")
-    usage = data.get("usage") or {}
-    return Generation(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    try:
+        return Generation(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError):  # odd token counts are not worth losing the reply over
+        return Generation(content)
 
 
 # ---------------------------------------------------------------------------------------------------

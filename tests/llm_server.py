@@ -10,7 +10,9 @@ request (same messages and seed): {"doc-429": ["429", "ok"]} answers the first a
 the second normally; the last entry repeats. Behaviours: ok, 429 (with Retry-After), 500, slow (sleeps
 past the client's timeout, then answers), malformed (a truncated JSON body), nonjson (content that is
 not JSON), badschema (JSON without the asked-for field), offtopic (a query unrelated to the passage),
-401.
+401, 401echo (a careless server: the body quotes the Authorization header it refused, decoded too for
+basic auth, with the header across the 300th character, where a client cutting before it scrubs
+secrets would leave part of one).
 
     with LLMServer(script={...}, latency=0.2) as server:
         server.url          # http://127.0.0.1:PORT/v1
@@ -21,6 +23,7 @@ Run standalone for manual checks: python tests/llm_server.py --latency 0.2 --lif
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import re
@@ -152,6 +155,14 @@ class LLMServer:
             return
         elif behaviour in ("500", "401"):
             self._send(handler, int(behaviour), b'{"error": "scripted failure"}', "application/json")
+            return
+        elif behaviour == "401echo":
+            authorization = handler.headers.get("Authorization") or ""
+            decoded = ""
+            if authorization.startswith("Basic "):
+                decoded = f" ({base64.b64decode(authorization[6:]).decode('utf-8')})"
+            message = f"invalid credentials{decoded}: ".ljust(270, ".") + authorization
+            self._send(handler, 401, json.dumps({"error": message}).encode("utf-8"), "application/json")
             return
         else:
             raise ValueError(f"unknown behaviour {behaviour!r}")

@@ -251,8 +251,11 @@ def test_job_outputs_records_with_provenance_and_counts_rejections(tmp_path, mon
         else:
             assert record["pos"] == [f"{doc['title']} {doc['text']}"] and record["instruction"]
     outcomes = read_jsonl(out / "outcomes.jsonl")
-    assert {(o["source_id"], o["reason"]) for o in outcomes} == {
-        ("d1", "not_json"), ("d2", "schema"), ("copy-of-d0", "duplicate"), ("empty", "empty_passage")}
+    # Of two equal passages, whichever reply is written first wins (usually d0's, but replies race).
+    duplicates = [o for o in outcomes if o["reason"] == "duplicate"]
+    assert len(duplicates) == n_templates and {o["source_id"] for o in duplicates} <= {"d0", "copy-of-d0"}
+    assert {(o["source_id"], o["reason"]) for o in outcomes if o["reason"] != "duplicate"} == {
+        ("d1", "not_json"), ("d2", "schema"), ("empty", "empty_passage")}
     assert len(server.requests) == 9 * n_templates + n_templates  # 9 passages asked, FLAKY twice; not the empty one
     # The secret went to the server and nowhere else.
     assert server.requests[0]["authorization"] == f"Bearer {SECRET}"
