@@ -37,14 +37,15 @@ if str(REPO) not in sys.path:
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import resolve_model_dir  # noqa: E402
-from embedlib.launch import (child_env, has_bf16, sidecar_command, stop_process, trainer_command,  # noqa: E402
+from scripts.launch import (child_env, has_bf16, sidecar_command, stop_process, trainer_command,  # noqa: E402
                              trainer_env)
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DATA = REPO / "data" / "scifact"
 CORPUS = DATA / "corpus.jsonl.gz"
 PAIRS = DATA / "pairs.train.jsonl.gz"
-STSB = Path("/work/shared/data/stsb_en/train.tsv")
+# Not bundled (docs/RESULTS.md says why and where it comes from): the user puts it here, or passes --stsb.
+STSB = REPO / "data" / "stsb" / "train.tsv"
 ROWS = ("zero-shot", "a", "b", "c", "d")
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
@@ -177,7 +178,8 @@ def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gp
     if not dynamic:
         run_stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
         return
-    cmd = sidecar_command(run_dir, has_gpu)
+    # Every version is kept: the table compares the first with the last (first_window_shared).
+    cmd = sidecar_command(run_dir, has_gpu, keep_versions=1_000_000)
     record["commands"]["sidecar"] = shlex.join(cmd)
     with open(run_dir / "logs" / "sidecar.log", "ab") as log:
         sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

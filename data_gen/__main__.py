@@ -29,6 +29,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from embedlib.logs import route_logs
 from embedlib.records import RecordError, read_corpus
 
 from .backends import HttpConfig, LocalConfig, OpenAIBackend, TransformersBackend
@@ -253,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     # output directory created.
     try:
         args = parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stderr)
+        route_logs(info_from=("data_gen", "embedlib"))  # its own INFO lines; no library notices or bars
         check_paths(args)
         if args.backend == "openai":
             backend = http_backend(args)

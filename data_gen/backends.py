@@ -123,8 +123,6 @@ class OpenAIBackend:
     async def __aenter__(self) -> OpenAIBackend:
         import aiohttp
 
-        if not self._headers:
-            log.info("$%s is not set: sending requests without an API key", self.config.api_key_env)
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             connector=aiohttp.TCPConnector(limit=self.config.concurrency),
@@ -176,8 +174,11 @@ class OpenAIBackend:
                     reason, detail = f"http_{status}", self._excerpt(text, 200)
                     retry_after = retry_after_seconds(retry_after_header)
                 elif status in (401, 403, 404):
-                    raise FatalBackendError(f"{self.url} answered HTTP {status} for model {self.config.model!r}: "
-                                            f"{self._excerpt(text, 300)}")
+                    # Said here rather than at the start: a server without keys (a local vLLM) is the usual case.
+                    unauthenticated = (f" (requests carried no credentials: ${self.config.api_key_env} is not set)"
+                                       if status in (401, 403) and not self._headers else "")
+                    raise FatalBackendError(f"{self.url} answered HTTP {status} for model {self.config.model!r}"
+                                            f"{unauthenticated}: {self._excerpt(text, 300)}")
                 else:  # another 4xx, e.g. a passage too long for the model's context: this request only
                     raise GenerationFailed(f"http_{status}", self._excerpt(text, 200))
             if attempt == self.config.max_retries:

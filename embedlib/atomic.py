@@ -22,15 +22,24 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file and directory below `root`, deepest first."""
+    """fsync every file and directory below `root`, deepest first.
+
+    Entries that vanish meanwhile are skipped: another process (a checkpoint's other ranks) may be
+    renaming its temporary files into place in the same tree, and each process fsyncs its own."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(dirpath)
+        try:
+            fsync_dir(dirpath)
+        except FileNotFoundError:
+            continue
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

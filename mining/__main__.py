@@ -7,15 +7,17 @@
 
 Bad input (an option out of range, a missing, empty or malformed input file, a model path that is no
 model) ends with one line `mining: error: ...` and exit status 2, before any model is loaded and with
-nothing written. The options of both commands are MiningSpec's and SidecarConfig's fields (mining/options.py).
+nothing written. The options of both commands are MiningSpec's and SidecarConfig's fields
+(mining/options.py), plus --model, --run-dir, --launcher, --threads and --no-progress. The console
+shows progress bars, warnings and a pass's one-line summary (embedlib/logs.py).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from embedlib.logs import route_logs
 from embedlib.records import RecordError
 from mining.distributed import LAUNCHERS
 from mining.options import add_options, flag_of, from_options
@@ -63,9 +65,7 @@ def _set_threads(threads: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("mining", "embedlib"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    route_logs(info_from=("mining", "embedlib"))  # a pass's summary; no library notices or loading bars
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
     _set_threads(args.threads)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = make_comm(args.launcher)
     if comm.rank != 0:
-        logging.getLogger("mining").setLevel(logging.WARNING)
+        route_logs()  # rank 0 says what the pass did
     try:
         spec = from_options(MiningSpec, args)
         record = mine(spec, args.model, args.run_dir, comm, show_progress=not args.no_progress)

@@ -13,7 +13,7 @@ trainer's RUN/run.json says the run ended ("completed" or "failed"; a "preempted
 
 Disk stays bounded: after each pass it removes all but the newest keep_versions versions of the store
 (never the newest, never one a live reader holds open: the trainer holds the versions it trains with;
-the pass's refreshes.jsonl record lists them) and all but the keep_cache_models newest model entries
+the pass's refreshes.jsonl record lists the removed ones, removed_versions) and all but the keep_cache_models newest model entries
 of the embedding cache. Its inputs (spec.json, the corpus and pairs it names, the cache directory) are
 checked at start, so that a bad one ends it at once rather than at the first export.
 """

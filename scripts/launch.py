@@ -1,6 +1,6 @@
-"""For scripts that drive the entrypoints as subprocesses (scripts/quickstart.py, bench/): the
-environment the children need, the trainer and sidecar command lines, stopping the sidecar, and
-whether bfloat16 encoding pays off."""
+"""For scripts that drive the entrypoints as subprocesses (scripts/quickstart.py,
+bench/compare_negatives.py): the environment the children need, the trainer and sidecar command
+lines, stopping the sidecar, and whether bfloat16 encoding pays off."""
 from __future__ import annotations
 
 import os
@@ -49,8 +49,10 @@ def trainer_command(repo: Path, recipe: Path, args: list[str], has_gpu: bool) ->
     if not launcher.exists():
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     ranks = [] if has_gpu else ["--num_gpus", "2"]
-    return [str(launcher), *ranks, "--master_port", str(free_port()), str(repo / "training" / "main.py"),
-            "--config", str(recipe), *args]
+    # The launcher's own INFO lines (command lines, CUDA_VISIBLE_DEVICES) are not for a person;
+    # a rank that fails still shows (an error).
+    return [str(launcher), "--log_level", "error", *ranks, "--master_port", str(free_port()),
+            str(repo / "training" / "main.py"), "--config", str(recipe), *args]
 
 
 def trainer_env(env: dict, has_gpu: bool) -> dict:
@@ -61,10 +63,12 @@ def trainer_env(env: dict, has_gpu: bool) -> dict:
     return env
 
 
-def sidecar_command(run_dir: Path, has_gpu: bool) -> list[str]:
-    """The mining sidecar for `run_dir`; on CPU one thread, so that training keeps most of the cores."""
+def sidecar_command(run_dir: Path, has_gpu: bool, keep_versions: int | None = None) -> list[str]:
+    """The mining sidecar for `run_dir`; on CPU one thread, so that training keeps most of the cores.
+    keep_versions: negative-store versions kept (None: the sidecar's default)."""
     return [sys.executable, "-m", "mining", "sidecar", "--run-dir", str(run_dir), "--poll-seconds", "2",
-            "--no-progress", *([] if has_gpu else ["--threads", "1"])]
+            "--no-progress", *([] if has_gpu else ["--threads", "1"]),
+            *([] if keep_versions is None else ["--keep-versions", str(keep_versions)])]
 
 
 def stop_process(process: subprocess.Popen, grace_seconds: float = 60.0) -> int:

@@ -1,0 +1,1 @@
+"""Scripts that drive the entrypoints as subprocesses (the quickstart; bench/ uses their launch helpers)."""
