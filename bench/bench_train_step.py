@@ -46,7 +46,7 @@ def main() -> None:
     import deepspeed
     from transformers import AutoModel
 
-    from training.config import build_ds_config, load_config, resolve_model_path
+    from training.config import build_ds_config, check_model, load_config
     from training.data import SamplerState, StepDataset, StepSampler, load_tasks
     from training.main import Preemption, build_engine, train_step
 
@@ -60,7 +60,7 @@ def main() -> None:
             "optim.warmup_steps=0", "optim.schedule=constant", f"deepspeed.config=ds_configs/zero{args.zero}.json"])
         os.chdir(REPO)
         tasks = load_tasks(config)
-        model_path = resolve_model_path(config.model.path)
+        model_path = check_model(config)
         engine = build_engine(config, model_path, build_ds_config(config, 1, has_gpu=False))
         plan = next(iter(StepSampler(tasks, {"scifact": 1.0}, 1, 0, config.seed, "balanced", 0,
                                      SamplerState.initial(tasks))))
@@ -83,8 +83,8 @@ def main() -> None:
             return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
         def baseline_step() -> float:
-            query = embed(batch["query"])
-            positive = embed(batch["passages"])
+            query = embed(batch.query)
+            positive = embed(batch.passages)
             logits = query @ positive.T / config.loss.temperature
             loss = F.cross_entropy(logits, torch.arange(len(query)))
             optimizer.zero_grad()

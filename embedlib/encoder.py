@@ -436,6 +436,22 @@ class Encoder(nn.Module):
 # ---- export directories ------------------------------------------------------------------------------
 
 
+def embedding_dim_of(path: str | os.PathLike, output_dim: int | None = None, trust_remote_code: bool = False) -> int:
+    """The size of the embeddings Encoder.from_pretrained(path, output_dim=output_dim) gives, read from
+    the directory's configuration files (and a projection's weights, which are small): for checking
+    options before the model itself is loaded."""
+    if output_dim is not None:
+        return output_dim
+    root = resolve_model_dir(path)
+    backbone_dir = root
+    if (root / "modules.json").is_file():
+        st = _read_sentence_transformers_dir(root)
+        if st["dense"]:
+            return int(st["dense"]["weight"].shape[0])
+        backbone_dir = root / st["backbone_path"]
+    return int(AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code).hidden_size)
+
+
 def is_encoder_export(path: str | os.PathLike) -> bool:
     """True for a directory laid out as Encoder.save writes it: modules.json with the Transformer at the
     root and a Pooling module, config.json and safetensors weights (single file or sharded index)."""

@@ -16,14 +16,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.dynamic_negatives import DynamicNegativesConfig, DynamicNegativeState, broadcast_from_rank0
+from training.config import NegativesConfig
+from training.dynamic_negatives import DynamicNegativeState
+from training.negatives_runtime import broadcast_from_rank0
 
 NUM_SAMPLES, WORLD_SIZE, STEPS = 40, 2, 10
 RULES = ("window", "per_negative")
 
 
-def config(rule: str) -> DynamicNegativesConfig:
-    return DynamicNegativesConfig(rule=rule, num_negatives=3, rank_offset=10, check_interval=5)
+def new_state(rule: str) -> DynamicNegativeState:
+    return DynamicNegativeState(NUM_SAMPLES, NegativesConfig(rule=rule, check_interval=5), num_negatives=3,
+                                rank_offset=10)
 
 
 def plan(rule: str) -> list[dict]:
@@ -44,7 +47,7 @@ def plan(rule: str) -> list[dict]:
 
 def run(records: list[dict], rule: str, rank: int | None) -> tuple[DynamicNegativeState, list[dict]]:
     """The trainer's calls. rank None: one process given every rank's records (the reference)."""
-    state = DynamicNegativeState(NUM_SAMPLES, config(rule))
+    state = new_state(rule)
     planned_generation = state.generation.copy()
     results = []
     for step in range(1, STEPS + 1):

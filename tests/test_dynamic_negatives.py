@@ -16,9 +16,15 @@ from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
 import dynneg_worker
-from training.dynamic_negatives import DynamicNegativesConfig, DynamicNegativeState, fit_ranks
+from training.config import NegativesConfig
+from training.dynamic_negatives import DynamicNegativeState, fit_ranks
 
 f32 = np.float32
+
+
+def rule_state(num_samples: int, num_negatives: int = 7, rank_offset: int = 10, **options) -> DynamicNegativeState:
+    """A state with the rule options `options` (config.NegativesConfig) for a data set with n and offset."""
+    return DynamicNegativeState(num_samples, NegativesConfig(**options), num_negatives, rank_offset)
 
 
 def below(x) -> np.float32:
@@ -31,7 +37,7 @@ def above(x) -> np.float32:
 
 def window_state(cases: list[tuple[float, float]], **overrides) -> DynamicNegativeState:
     """One sample per (s0, s) case, set directly as if recorded."""
-    state = DynamicNegativeState(len(cases), DynamicNegativesConfig(num_negatives=2, **overrides))
+    state = rule_state(len(cases), num_negatives=2, **overrides)
     state.initial_score[:] = [c[0] for c in cases]
     state.score[:] = [c[1] for c in cases]
     return state
@@ -101,8 +107,7 @@ def test_check_moves_stale_samples_to_the_next_window_and_forgets_their_scores()
 
 def per_negative_state(slots: list[tuple[float, float]], **overrides) -> DynamicNegativeState:
     """One sample whose slot j has (s0_j, s_j) = slots[j]."""
-    cfg = DynamicNegativesConfig(rule="per_negative", num_negatives=len(slots), rank_offset=10, **overrides)
-    state = DynamicNegativeState(1, cfg)
+    state = rule_state(1, num_negatives=len(slots), rank_offset=10, rule="per_negative", **overrides)
     state.slot_initial_score[0] = [c[0] for c in slots]
     state.slot_score[0] = [c[1] for c in slots]
     return state
@@ -150,23 +155,23 @@ def test_per_negative_replacement_takes_the_next_unused_ranks():
 
 
 def test_window_ranks_for_the_first_three_assignments():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(num_negatives=3, rank_offset=10))
+    state = rule_state(1, num_negatives=3, rank_offset=10)
     for i, expected in [(1, [10, 11, 12]), (2, [13, 14, 15]), (3, [16, 17, 18])]:
         state.window[0] = i
         assert list(state.negative_ranks(0)) == expected  # [(i - 1) * n + 10, i * n + 10)
-    state = DynamicNegativeState(1, DynamicNegativesConfig(num_negatives=2, rank_offset=0))
+    state = rule_state(1, num_negatives=2, rank_offset=0)
     state.window[0] = 3
     assert list(state.negative_ranks(0)) == [4, 5]
 
 
 def test_window_ranks_wrap_to_the_first_window_past_the_end():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(num_negatives=3, rank_offset=10))
+    state = rule_state(1, num_negatives=3, rank_offset=10)
     # 17 candidates: full windows [10, 13) and [13, 16); rank 16 is never used.
     expected = {1: [10, 11, 12], 2: [13, 14, 15], 3: [10, 11, 12], 4: [13, 14, 15]}
     for i, ranks in expected.items():
         state.window[0] = i
         assert list(state.negative_ranks(0, num_candidates=17)) == ranks
-        assert list(fit_ranks(state.negative_ranks(0), 17, state.cfg)) == ranks  # in a DataLoader worker
+        assert list(fit_ranks(state.negative_ranks(0), 17, state.options.rule, 3, 10)) == ranks  # in a DataLoader worker
         assert list(state.negative_ranks(0, num_candidates=100)) == [10 + 3 * (i - 1) + k for k in range(3)]
     state.window[0] = 2
     assert list(state.negative_ranks(0, num_candidates=12)) == [10, 11, -1]  # less than one window
@@ -186,7 +191,7 @@ def test_per_negative_ranks_wrap_without_repeating():
 
 
 def test_records_keep_the_first_score_as_s0_and_the_latest_as_s_in_step_order():
-    state = DynamicNegativeState(3, DynamicNegativesConfig(num_negatives=2))
+    state = rule_state(3, num_negatives=2)
     state.record([0, 1], [[0.2, 0.4], [0.5, 0.5]], step=2)
     state.record([0], torch.tensor([[0.5, 0.75]], dtype=torch.bfloat16), step=1)  # recorded late, earlier step
     state.record([0, 0], [[0.1, 0.1], [0.0, 0.2]], step=3)  # twice in one call: the later row wins
@@ -197,7 +202,7 @@ def test_records_keep_the_first_score_as_s0_and_the_latest_as_s_in_step_order():
 
 
 def test_records_of_replaced_negatives_are_dropped():
-    state = DynamicNegativeState(2, DynamicNegativesConfig(num_negatives=1))
+    state = rule_state(2, num_negatives=1)
     state.record([0, 1], [[0.9], [0.9]], step=1, generations=state.generation[[0, 1]])
     state.record([0, 1], [[0.1], [0.1]], step=2)
     state.sync()
@@ -210,7 +215,7 @@ def test_records_of_replaced_negatives_are_dropped():
 
 
 def test_mined_scores_give_s0():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(num_negatives=2))
+    state = rule_state(1, num_negatives=2)
     state.record([0], [[0.2, 0.2]], step=1, mined_scores=[[0.5, 0.75]])
     state.sync()
     assert (state.initial_score[0], state.score[0]) == (f32(0.625), f32(0.2))
@@ -218,7 +223,7 @@ def test_mined_scores_give_s0():
 
 
 def test_per_negative_records_fill_each_slot():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(rule="per_negative", num_negatives=2))
+    state = rule_state(1, rule="per_negative", num_negatives=2)
     state.record([0], [[0.9, 0.3]], step=1)
     state.record([0], [[0.5, 0.35]], step=2)
     state.sync()
@@ -229,19 +234,19 @@ def test_per_negative_records_fill_each_slot():
 
 
 def test_bad_records_are_errors():
-    state = DynamicNegativeState(2, DynamicNegativesConfig(num_negatives=2))
+    state = rule_state(2, num_negatives=2)
     with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \(1, 2\)"):
         state.record([0], [[0.1, 0.2, 0.3]], step=1)
     with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
         state.record([2], [[0.1, 0.2]], step=1)
     with pytest.raises(ValueError, match="NaN"):
         state.record([0], [[0.1, np.nan]], step=1)
-    with pytest.raises(ValueError, match="rule"):
-        DynamicNegativesConfig(rule="sometimes")
+    with pytest.raises(ValueError, match="num_negatives"):
+        rule_state(1, num_negatives=0)
 
 
 def test_assignment_changes_need_synced_state():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(num_negatives=1))
+    state = rule_state(1, num_negatives=1)
     state.record([0], [[0.5]], step=1)
     for call in (lambda: state.check(1), lambda: state.adopt_version(1, 0), state.state_dict):
         with pytest.raises(RuntimeError, match="sync"):
@@ -260,9 +265,9 @@ def test_adopting_a_version_resets_scores_and_keeps_windows():
 
 
 def test_due_every_check_interval():
-    state = DynamicNegativeState(1, DynamicNegativesConfig(check_interval=100))
+    state = rule_state(1, check_interval=100)
     assert [s for s in range(0, 301) if state.due(s)] == [100, 200, 300]
-    state = DynamicNegativeState(1, DynamicNegativesConfig(enabled=False))
+    state = rule_state(1, dynamic=False)
     assert not state.due(100)
 
 
@@ -272,8 +277,7 @@ def test_due_every_check_interval():
 @pytest.mark.parametrize("rule", ["window", "per_negative"])
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_state_round_trip(rule, fmt):
-    cfg = DynamicNegativesConfig(rule=rule, num_negatives=2)
-    state = DynamicNegativeState(5, cfg)
+    state = rule_state(5, num_negatives=2, rule=rule)
     state.record([0, 3, 4], [[0.9, 0.1], [0.2, 0.1], [0.5, 0.3]], step=1)
     state.record([0, 4], [[0.1, 0.1], [0.4, 0.3]], step=2)
     state.sync()
@@ -289,7 +293,7 @@ def test_state_round_trip(rule, fmt):
         np.savez(buffer, **saved)
         buffer.seek(0)
         loaded = dict(np.load(buffer, allow_pickle=False))
-    restored = DynamicNegativeState(5, cfg)
+    restored = rule_state(5, num_negatives=2, rule=rule)
     restored.load_state_dict(loaded)
     for key, value in restored.state_dict().items():
         np.testing.assert_array_equal(value, saved[key], err_msg=key)
@@ -298,16 +302,16 @@ def test_state_round_trip(rule, fmt):
 
 
 def test_loading_another_layout_is_a_clear_error():
-    saved = DynamicNegativeState(5, DynamicNegativesConfig(num_negatives=2)).state_dict()
+    saved = rule_state(5, num_negatives=2).state_dict()
     with pytest.raises(ValueError, match="num_samples is 5, this run has 6"):
-        DynamicNegativeState(6, DynamicNegativesConfig(num_negatives=2)).load_state_dict(saved)
+        rule_state(6, num_negatives=2).load_state_dict(saved)
     with pytest.raises(ValueError, match="num_negatives is 2, this run has 3"):
-        DynamicNegativeState(5, DynamicNegativesConfig(num_negatives=3)).load_state_dict(saved)
+        rule_state(5, num_negatives=3).load_state_dict(saved)
     with pytest.raises(ValueError, match="keys"):
-        DynamicNegativeState(5, DynamicNegativesConfig(rule="per_negative", num_negatives=2)).load_state_dict(saved)
+        rule_state(5, rule="per_negative", num_negatives=2).load_state_dict(saved)
     bad = dict(saved, window=saved["window"].astype(np.int64))
     with pytest.raises(ValueError, match="'window' is int64"):
-        DynamicNegativeState(5, DynamicNegativesConfig(num_negatives=2)).load_state_dict(bad)
+        rule_state(5, num_negatives=2).load_state_dict(bad)
 
 
 # --- two real ranks -----------------------------------------------------------------------------
@@ -367,7 +371,7 @@ def take_when_ready(feed, timeout: float = 30.0):
 
 
 def test_feed_starts_with_the_checkpoints_version_else_the_newest_sound_one(tmp_path, caplog):
-    from training.dynamic_negatives import VersionFeed
+    from training.negatives_runtime import VersionFeed
 
     run = tmp_path / "run"
     for step in (0, 10, 20):
@@ -388,7 +392,7 @@ def test_feed_starts_with_the_checkpoints_version_else_the_newest_sound_one(tmp_
 
 def test_feed_never_blocks_skips_a_damaged_version_and_pins_what_plans_name(tmp_path, caplog):
     from embedlib.negstore import NegativeStore
-    from training.dynamic_negatives import VersionFeed
+    from training.negatives_runtime import VersionFeed
 
     run = tmp_path / "run"
     store = NegativeStore(run)
@@ -419,7 +423,7 @@ def test_feed_warns_once_when_the_sidecar_looks_dead_and_once_when_it_is_back(tm
     import time
 
     from embedlib.exports import publish_export
-    from training.dynamic_negatives import VersionFeed
+    from training.negatives_runtime import VersionFeed
 
     run = tmp_path / "run"
     publish(run, 0)

@@ -235,7 +235,8 @@ def test_json_examples_are_read_by_the_readers(tmp_path):
     assert read_labeled_texts(write("labeled.jsonl", kinds["labeled"]))[0].label == kinds["labeled"]["label"]
 
     # The metrics.jsonl example has exactly the keys the trainer writes (loss/<kind> per task kind).
-    trainer = (REPO / "training" / "main.py").read_text(encoding="utf-8")
+    trainer = "".join((REPO / "training" / name).read_text(encoding="utf-8")
+                      for name in ("main.py", "negatives_runtime.py"))
     for key in kinds["metrics"]:
         assert f'"{key.split("/")[0]}"' in trainer or f'"{key.split("/")[0]}/' in trainer, key
 

@@ -55,7 +55,6 @@ def test_conan_recipe_parses_and_validates():
     (["train.max_steps"], "expected key=value"),
     (["negatives.rule=sometimes"], "unknown value 'sometimes' for 'negatives.rule'"),
     (["negatives.check_interval=0"], "'negatives.check_interval' must be at least 1"),
-    (["evaluation.beir=data/scifact", "evaluation.split=test"], "'evaluation.beir': missing data/scifact/queries.test.jsonl"),
     (["evaluation.every=-1"], "'evaluation.every' must not be negative"),
 ])
 def test_bad_overrides_are_named(overrides, expected):
@@ -156,3 +155,74 @@ def test_ranks_from_srun_without_a_launcher():
     assert launched["RANK"] == "1" and launched["WORLD_SIZE"] == "4"
     with pytest.raises(ConfigError, match="export MASTER_ADDR"):
         rank_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything loads model weights: every check must come before that."""
+    from embedlib.encoder import Encoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(Encoder, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=0", "'optim.lr' must be positive, got 0.0"),
+    ("optim.lr=-1e-5", "'optim.lr' must be positive"),
+    ("optim.lr=.nan", "'optim.lr' must be a finite number"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must not be negative"),
+    ("optim.betas=[0.9, 1.0]", "'optim.betas' must be two numbers in [0, 1)"),
+    ("optim.eps=0", "'optim.eps' must be positive"),
+    ("optim.warmup_steps=-1", "'optim.warmup_steps' must not be negative"),
+    ("optim.grad_clip=-1", "'optim.grad_clip' must not be negative"),
+    ("loss.temperature=0", "'loss.temperature' must be positive, got 0.0"),
+    ("loss.temperature=.inf", "'loss.temperature' must be a finite number"),
+    ("loss.cosent_scale=0", "'loss.cosent_scale' must be positive"),
+    ("loss.cbb_beta=-1", "'loss.cbb_beta' must not be negative"),
+    ("loss.matryoshka_dims=[0, 16]", "'loss.matryoshka_dims' must list sizes of at least 1"),
+    ("loss.matryoshka_dims=[16, 16]", "'loss.matryoshka_dims' must not repeat a size"),
+    ("loss.matryoshka_dims=[16, 64]", "loss.matryoshka_dims [16, 64]: each must be at most the embedding size 32"),
+    ("model.max_length=1", "'model.max_length' must be at least 2"),
+    ("model.output_dim=0", "'model.output_dim' must be at least 1"),
+    ("data.0.weight=0", "'data.0.weight' must be positive"),
+    ("data.0.neg_offset=-1", "'data.0.neg_offset' must not be negative"),
+    ("data.0.batch_size=0", "'data.0.batch_size' must be at least 1"),
+    ("train.keep_exports=0", "'train.keep_exports' must be at least 1"),
+    ("negatives.stale_ratio=0", "'negatives.stale_ratio' must be positive"),
+    ("negatives.sidecar_timeout_s=0", "'negatives.sidecar_timeout_s' must be positive"),
+    ("evaluation.batch_size=0", "'evaluation.batch_size' must be at least 1"),
+    ("evaluation.max_length=1", "'evaluation.max_length' must be at least 2"),
+])
+def test_bad_option_values_stop_before_any_model_loads(tmp_path, tiny_bert_dir, capsys, no_model_loading,
+                                                       override, expected):
+    run = tmp_path / "run"
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}",
+                                    override])
+    assert expected in line, line
+    assert not run.exists()  # nothing written
+
+
+def test_empty_corpus_is_an_error_not_no_corpus(tmp_path, tiny_bert_dir, capsys, no_model_loading):
+    empty = tmp_path / "corpus.jsonl"
+    empty.write_text("")
+    run = tmp_path / "run"
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}",
+                                    f"data.0.corpus={empty}"])
+    assert line == f"error: {empty}: holds no passages; data.0.corpus must be a non-empty corpus (or leave it out)"
+    assert not run.exists()
+
+
+def test_evaluation_split_is_checked_before_step_one(tmp_path, tiny_bert_dir, capsys, no_model_loading):
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={tmp_path / 'run'}",
+                                    f"model.path={tiny_bert_dir}", "evaluation.beir=data/scifact",
+                                    "evaluation.split=test"])
+    assert line.startswith("error: evaluation.beir: data/scifact: missing data/scifact/queries.test.jsonl"), line
+
+
+def test_run_dir_that_is_a_file_is_an_error(tmp_path, tiny_bert_dir, capsys, no_model_loading):
+    run = tmp_path / "run"
+    run.write_text("not a directory")
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}"])
+    assert "'run_dir' must be a directory" in line

@@ -12,8 +12,8 @@ import torch
 from embedlib.negstore import NegativeStore
 from embedlib.records import corpus_fingerprint, queries_fingerprint, read_corpus
 from training.config import load_config
-from training.data import SamplerState, StepSampler, load_tasks, make_loader
-from training.dynamic_negatives import DynamicNegativeState
+from training.data import RetrievalBatch, SamplerState, StepSampler, load_tasks, make_loader
+from training.negatives_runtime import NegativesRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "training" / "recipes" / "quickstart.yaml"
@@ -79,7 +79,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(two_task_config, tiny_be
     tasks = load_tasks(config)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
 
-    def batches(workers: int) -> list[dict]:
+    def batches(workers: int) -> list:
         config.train.num_workers = workers
         loader = make_loader(tasks, tokenizer, config, 3, 2, 0, SamplerState.initial(tasks))
         out = []
@@ -91,15 +91,15 @@ def test_batches_do_not_depend_on_the_number_of_workers(two_task_config, tiny_be
 
     inline, parallel = batches(0), batches(2)
     for a, b in zip(inline, parallel):
-        assert a.keys() == b.keys() and a["step"] == b["step"] and a["cursors_after"] == b["cursors_after"]
+        assert type(a) is type(b) and a.step == b.step and a.cursors_after == b.cursors_after
         for key in ("query", "passages", "first", "second"):
-            if key in a:
-                assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    retrieval = next(b for b in inline if b["kind"] == "retrieval")
-    texts = tokenizer.batch_decode(retrieval["query"]["input_ids"], skip_special_tokens=True)
+            if hasattr(a, key):
+                assert all(torch.equal(getattr(a, key)[k], getattr(b, key)[k]) for k in getattr(a, key))
+    retrieval = next(b for b in inline if isinstance(b, RetrievalBatch))
+    texts = tokenizer.batch_decode(retrieval.query["input_ids"], skip_special_tokens=True)
     assert all(t.startswith("q :") for t in texts)  # the instruction prefix "Q: ", lower-cased by BERT
-    assert retrieval["num_negatives"] == 2
-    assert retrieval["passages"]["input_ids"].shape[0] == 3 * (1 + 2)
+    assert retrieval.num_negatives == 2
+    assert retrieval.passages["input_ids"].shape[0] == 3 * (1 + 2)
 
 
 def test_negatives_from_the_store_window_skip_positives(tmp_path):
@@ -119,10 +119,12 @@ def test_negatives_from_the_store_window_skip_positives(tmp_path):
     config = load_config(QUICKSTART, [f"run_dir={run_dir}", f"data.0.path={pairs_path}", "data.0.num_negatives=4",
                                       "data.0.neg_offset=10"])
     (task,) = load_tasks(config)
-    assert task.dynamic.num_negatives == 4 and task.dynamic.rank_offset == 10 and task.num_negatives == 0
-    assert task.fingerprints == (queries_fingerprint([p["query"] for p in pairs]), corpus_fingerprint(corpus))
-    state = DynamicNegativeState(len(task), task.dynamic)
-    state.adopt_version(1, 0)
+    assert task.store.num_negatives == 4 and task.store.rank_offset == 10 and task.num_negatives == 0
+    assert task.store.fingerprints == (queries_fingerprint([p["query"] for p in pairs]), corpus_fingerprint(corpus))
+    runtime = NegativesRuntime(run_dir, [task], config.negatives, lookahead=0)
+    runtime.start(0, None)  # picks the one version mined for these pairs and this corpus
+    state = runtime.states[task.name]
+    assert state.version == 1
 
     def negatives_at(row: int, window: int) -> list[str]:
         state.window[row] = window
@@ -138,13 +140,15 @@ def test_negatives_from_the_store_window_skip_positives(tmp_path):
     # A list short of one window: what there is (rank 11), topped up with random passages, never the positive.
     topped = negatives_at(5, 1)
     assert len(topped) == 4 and topped[0] == corpus[511].passage and corpus[5].passage not in topped[1:]
-    # A plan names its version: the sampler reads the live state (not a copy) when it makes the plan.
+    # A plan names its version: the sampler asks the runtime (the live state, not a copy) when it plans.
     sampler = StepSampler(tasks=[task], weights={task.name: 1.0}, world_size=1, rank=0, seed=0, mode="balanced",
-                          start_step=0, state=SamplerState.initial([task]), negatives={task.name: state})
+                          start_step=0, state=SamplerState.initial([task]), negatives=runtime)
     state.window[:] = 3
     plan = next(iter(sampler))
-    assert plan.store_version == 1 and plan.generations == tuple(int(state.generation[r]) for r in plan.rows)
-    assert plan.negative_ranks == tuple(tuple(range(18, 22)) for _ in plan.rows)
+    assert plan.negatives.version == 1
+    assert plan.negatives.generations == tuple(int(state.generation[r]) for r in plan.rows)
+    assert plan.negatives.ranks == tuple(tuple(range(18, 22)) for _ in plan.rows)
+    runtime.close()
 
 
 def test_without_store_or_neg_training_uses_in_batch_negatives(tmp_path):

@@ -49,10 +49,11 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(launcher, run_dir, model, overrides, resume=False) -> None:
+def _run(launcher, run_dir, model, overrides, resume=False) -> subprocess.CompletedProcess:
     result = subprocess.run(_command(launcher, run_dir, model, overrides, resume), cwd=REPO, env=_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -87,8 +88,16 @@ def _assert_learns(losses: list[float]) -> None:
 
 def test_zero1_with_the_deepspeed_launcher(tmp_path, tiny_bert_dir):
     run_dir = tmp_path / "run"
-    _run("deepspeed", run_dir, tiny_bert_dir, ["deepspeed.config=ds_configs/zero1.json", "train.max_steps=6"])
+    result = _run("deepspeed", run_dir, tiny_bert_dir, ["deepspeed.config=ds_configs/zero1.json", "train.max_steps=6"])
     _assert_learns(_losses(run_dir))
+    # The console is for a person: no rank's INFO lines, library warnings or loading bars (the launcher's
+    # own INFO lines aside: scripts/launch.py passes it --log_level error); they are in each rank's log.
+    trainer_lines = [line for line in result.stderr.splitlines() if "launch.py" not in line and "runner.py" not in line]
+    for noise in (" INFO ", "Warning", "Loading weights", "Writing model shards", "adopts negatives"):
+        assert not any(noise in line for line in trainer_lines), (noise, result.stderr[-3000:])
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"trainer.rank{rank}.log").read_text()
+        assert " INFO training" in log or " INFO DeepSpeed" in log  # the detail is kept
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["final_step"] == 6 and record["world_size"] == 2
     assert record["ds_config"]["zero_optimization"]["stage"] == 1
@@ -194,3 +203,18 @@ def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(
     mask = batch["attention_mask"].unsqueeze(-1).float()
     mean = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     np.testing.assert_allclose(mean.numpy(), reference, atol=1e-5)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run(tmp_path, tiny_bert_dir):
+    """A temperature this small overflows the logits: the trainer stops at step 1 with one line, exit 1,
+    run.json "failed", and no export of a model that did not train (it used to log NaN and go on)."""
+    run = tmp_path / "run"
+    result = subprocess.run(_command("deepspeed", run, tiny_bert_dir, ["loss.temperature=1e-40", "train.max_steps=3"]),
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: step 1: the loss is nan"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and record["final_step"] is None
+    assert read_metrics(run) == [] and list_exports(run) == []

@@ -7,18 +7,20 @@ index one past the end appends: `data.1={name: sts, kind: sts, path: ...}`) and 
 as YAML (`optim.betas=[0.9,0.98]`, `model.output_dim=null`), then converted to the
 field's type. Unknown keys, in the file or in an override, are errors that name the key and where it
 came from. Relative paths are relative to the working directory. Every option is documented once,
-on its field below.
+on its field below (the loss's in training/loss.py, LossConfig). Every range check is in validate(),
+the checks that need the model directory in check_model(): all run before any model is loaded.
 
 The DeepSpeed JSON (ds_configs/*.json) holds only what is DeepSpeed's own business (ZeRO stage,
-offload, communication); everything the training config already knows (batch sizes, clipping,
-precision, learning rate) is filled in from it by `build_ds_config`, and a JSON value that disagrees
-is an error rather than a silent winner.
+offload, communication); what the training config already knows (batch sizes, clipping, precision)
+is filled in from it by `build_ds_config`, an `optimizer` section may only restate optim.* (and is
+dropped), and a JSON value that disagrees is an error rather than a silent winner.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,12 +29,9 @@ from typing import Any, Literal
 
 import yaml
 
-from embedlib.encoder import EncoderError, resolve_model_dir
+from embedlib.encoder import EncoderError, embedding_dim_of, resolve_model_dir
 
-from training.dynamic_negatives import DynamicNegativesConfig
 from training.loss import LossConfig
-
-TASK_KINDS = ("retrieval", "sts", "classification")
 
 
 class ConfigError(ValueError):
@@ -100,8 +99,8 @@ class OptimConfig:
 class TrainConfig:
     # Optimizer steps in the whole run (a resumed run continues to this step).
     max_steps: int = 1000
-    # Task schedule (training.schedule): "balanced" spreads tasks over ranks by weight every step,
-    # "random_task" draws them. Every step contains every task either way.
+    # Task schedule (training.schedule): "balanced" puts every task in every step, spread over the ranks
+    # by weight; "random_task" gives all ranks one task per step, drawn by weight.
     schedule_mode: Literal["balanced", "random_task"] = "balanced"
     # DataLoader worker processes that read and tokenize; 0 does it in the training process.
     num_workers: int = 2
@@ -117,38 +116,32 @@ class TrainConfig:
     progress: bool = True
 
 
-_RULE_DEFAULTS = DynamicNegativesConfig()  # one source for the rule's defaults (the paper's values)
-
-
 @dataclass
 class NegativesConfig:
-    """Dynamic hard negatives (training/dynamic_negatives.py) for retrieval data sets with a corpus,
-    read from the mining sidecar's store RUN/negatives. n and the skipped top ranks are each data
-    set's num_negatives and neg_offset."""
+    """Dynamic hard negatives (training/dynamic_negatives.py, the rule; training/negatives_runtime.py,
+    the store versions) for retrieval data sets with a corpus, read from the mining sidecar's store
+    RUN/negatives. n, the negatives per query, and the skipped top ranks are each data set's
+    num_negatives and neg_offset. Defaults are the papers' values."""
 
     # Apply the rule (off: every query keeps its first window; new store versions are still adopted).
     dynamic: bool = True
-    # "window" (Conan: 1.15 * s < s0 and |s| < 0.8 moves the whole window) or "per_negative" (the
-    # follow-up paper: each negative replaced on its own).
-    rule: Literal["window", "per_negative"] = _RULE_DEFAULTS.rule
+    # "window" (Conan: a sample whose 1.15 * s < s0 and |s| < 0.8 moves its whole window of n
+    # negatives to the next n ranks) or "per_negative" (the follow-up paper: each negative replaced on
+    # its own by the next unused rank). s0 is the first score recorded after an assignment, s the latest.
+    rule: Literal["window", "per_negative"] = "window"
     # Optimizer steps between two applications of the rule.
-    check_interval: int = _RULE_DEFAULTS.check_interval
-    stale_ratio: float = _RULE_DEFAULTS.stale_ratio
-    stale_abs_max: float = _RULE_DEFAULTS.stale_abs_max
-    per_negative_ratio: float = _RULE_DEFAULTS.per_negative_ratio
-    per_negative_max_score: float = _RULE_DEFAULTS.per_negative_max_score
-    per_negative_min_initial: float = _RULE_DEFAULTS.per_negative_min_initial
+    check_interval: int = 100
+    # window rule: stale when stale_ratio * s < s0 and |s| < stale_abs_max.
+    stale_ratio: float = 1.15
+    stale_abs_max: float = 0.8
+    # per_negative rule: a negative is stale when per_negative_ratio * s < s0 and
+    # s < per_negative_max_score, or when its initial score s0 < per_negative_min_initial.
+    per_negative_ratio: float = 1.2
+    per_negative_max_score: float = 0.7
+    per_negative_min_initial: float = 0.4
     # The sidecar counts as dead when an export newer than the store's newest version has waited this
     # long for its version (a pass on a large corpus takes a while; set it above one pass).
     sidecar_timeout_s: float = 3600.0
-
-    def for_dataset(self, d: DatasetConfig) -> DynamicNegativesConfig:
-        """The rule's configuration for one data set (n and the offset are the data set's own)."""
-        return DynamicNegativesConfig(
-            enabled=self.dynamic, rule=self.rule, num_negatives=d.num_negatives, rank_offset=d.neg_offset,
-            check_interval=self.check_interval, stale_ratio=self.stale_ratio, stale_abs_max=self.stale_abs_max,
-            per_negative_ratio=self.per_negative_ratio, per_negative_max_score=self.per_negative_max_score,
-            per_negative_min_initial=self.per_negative_min_initial)
 
 
 @dataclass
@@ -335,7 +328,17 @@ def _coerce(value: Any, tp, where: str, source: str) -> Any:
 
 
 def validate(config: Config, source: str) -> None:
-    """Checks that need more than one field, or more than a type."""
+    """Every check that needs the recipe only: each option's range, and options that must agree. The
+    model directory is checked by check_model, the data files by training/data.py, both before any
+    model is loaded."""
+
+    def require(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' {rule}, got {_value_at(config, key)!r}")
+
+    _require_finite_floats(config, "", source)
+    require(bool(config.run_dir), "run_dir", "must name a directory")
+    require(not Path(config.run_dir).exists() or Path(config.run_dir).is_dir(), "run_dir", "must be a directory")
     if not config.data:
         raise ConfigError(f"{source}: 'data' lists no data sets")
     names = [d.name for d in config.data]
@@ -344,56 +347,114 @@ def validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: two data sets are named {name!r}; task names must be unique")
     for i, d in enumerate(config.data):
         where = f"data.{i}"
-        if d.batch_size < 1:
-            raise ConfigError(f"{source}: '{where}.batch_size' must be at least 1")
-        if d.num_negatives < 0 or d.neg_offset < 0:
-            raise ConfigError(f"{source}: '{where}.num_negatives' and '.neg_offset' must not be negative")
-        if d.weight <= 0:
-            raise ConfigError(f"{source}: '{where}.weight' must be positive")
-        if d.limit is not None and d.limit < 1:
-            raise ConfigError(f"{source}: '{where}.limit' must be at least 1")
-        if d.corpus is not None and d.kind != "retrieval":
-            raise ConfigError(f"{source}: '{where}.corpus' only applies to retrieval data sets")
-    if config.train.max_steps < 1:
-        raise ConfigError(f"{source}: 'train.max_steps' must be at least 1")
-    if config.evaluation.every < 0:
-        raise ConfigError(f"{source}: 'evaluation.every' must not be negative")
-    if config.evaluation.beir:
-        beir, split = Path(config.evaluation.beir), config.evaluation.split
-        needed = [beir / f"queries.{split}.jsonl", beir / f"qrels.{split}.tsv"]
-        missing = [p for p in needed if not p.is_file()]
-        if not any((beir / name).is_file() for name in ("corpus.jsonl", "corpus.jsonl.gz")):
-            missing.append(beir / "corpus.jsonl[.gz]")
-        if missing:
-            raise ConfigError(f"{source}: 'evaluation.beir': missing {', '.join(map(str, missing))}")
+        require(bool(d.name), f"{where}.name", "must not be empty")
+        require(d.batch_size >= 1, f"{where}.batch_size", "must be at least 1")
+        require(d.num_negatives >= 0, f"{where}.num_negatives", "must not be negative")
+        require(d.neg_offset >= 0, f"{where}.neg_offset", "must not be negative")
+        require(d.weight > 0, f"{where}.weight", "must be positive")
+        require(d.limit is None or d.limit >= 1, f"{where}.limit", "must be at least 1")
+        require(d.corpus is None or d.kind == "retrieval", f"{where}.corpus", "only applies to retrieval data sets")
+
+    m = config.model
+    require(bool(m.path), "model.path", "must name a model directory")
+    require(m.max_length >= 2, "model.max_length", "must be at least 2")
+    require(m.output_dim is None or m.output_dim >= 1, "model.output_dim", "must be at least 1")
+
+    loss = config.loss
+    require(loss.temperature > 0, "loss.temperature", "must be positive")
+    require(loss.cosent_scale > 0, "loss.cosent_scale", "must be positive")
+    require(loss.cbb_beta >= 0, "loss.cbb_beta", "must not be negative")
+    dims = loss.matryoshka_dims
+    if dims is not None:
+        require(len(dims) > 0 and all(d >= 1 for d in dims), "loss.matryoshka_dims",
+                "must list sizes of at least 1 (null: the full size only)")
+        require(len(set(dims)) == len(dims), "loss.matryoshka_dims", "must not repeat a size")
+        require(m.output_dim is None or max(dims) <= m.output_dim, "loss.matryoshka_dims",
+                f"must not exceed model.output_dim {m.output_dim}")
+
+    o = config.optim
+    require(o.lr > 0, "optim.lr", "must be positive")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must not be negative")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    require(o.eps > 0, "optim.eps", "must be positive")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
+    require(o.grad_clip >= 0, "optim.grad_clip", "must not be negative (0 turns clipping off)")
+
+    t = config.train
+    require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
     for key in ("save_every", "export_every", "num_workers"):
-        if getattr(config.train, key) < 0:
-            raise ConfigError(f"{source}: 'train.{key}' must not be negative")
+        require(getattr(t, key) >= 0, f"train.{key}", "must not be negative")
     for key in ("keep_checkpoints", "keep_exports"):
-        if getattr(config.train, key) < 1:
-            raise ConfigError(f"{source}: 'train.{key}' must be at least 1")
-    if len(config.optim.betas) != 2:
-        raise ConfigError(f"{source}: 'optim.betas' must hold two numbers")
-    if config.negatives.check_interval < 1:
-        raise ConfigError(f"{source}: 'negatives.check_interval' must be at least 1")
-    if config.negatives.sidecar_timeout_s <= 0:
-        raise ConfigError(f"{source}: 'negatives.sidecar_timeout_s' must be positive")
-    if config.model.max_length < 2:
-        raise ConfigError(f"{source}: 'model.max_length' must be at least 2")
+        require(getattr(t, key) >= 1, f"train.{key}", "must be at least 1")
+
+    n = config.negatives
+    require(n.check_interval >= 1, "negatives.check_interval", "must be at least 1")
+    require(n.sidecar_timeout_s > 0, "negatives.sidecar_timeout_s", "must be positive")
+    for key in ("stale_ratio", "stale_abs_max", "per_negative_ratio"):
+        require(getattr(n, key) > 0, f"negatives.{key}", "must be positive")
+
+    e = config.evaluation
+    require(e.every >= 0, "evaluation.every", "must not be negative")
+    require(e.batch_size >= 1, "evaluation.batch_size", "must be at least 1")
+    require(e.max_length is None or e.max_length >= 2, "evaluation.max_length", "must be at least 2")
+
+
+def _value_at(config: Config, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def _require_finite_floats(node: Any, where: str, source: str) -> None:
+    """YAML reads .nan and .inf as floats; no option of ours means anything with them."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _require_finite_floats(getattr(node, f.name), f"{where}.{f.name}" if where else f.name, source)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _require_finite_floats(item, f"{where}.{i}", source)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{source}: '{where}' must be a finite number, got {node}")
+
+
+def check_evaluation_data(config: Config) -> None:
+    """evaluation.beir's split read and checked as the evaluation will read it (records.RecordError for a
+    bad record), so that a problem stops the run before step 1 rather than at the first evaluation."""
+    e = config.evaluation
+    if not e.beir:
+        return
+    from embedlib.evaluation import BeirSplit, EvaluationError
+
+    try:
+        BeirSplit.load(e.beir, e.split)
+    except EvaluationError as error:
+        raise ConfigError(f"evaluation.beir: {error}") from None
 
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def resolve_model_path(path: str) -> Path:
-    """model.path as a directory (`package:<name>` allowed, see embedlib.encoder.resolve_model_dir)."""
+def check_model(config: Config) -> Path:
+    """model.path as a model directory (`package:<name>` allowed, see embedlib.encoder.resolve_model_dir),
+    and the options that depend on the model, read from its configuration files without loading weights."""
+    path = config.model.path
     try:
         resolved = resolve_model_dir(path)
     except EncoderError as e:
         raise ConfigError(f"model.path {e}") from None
     if not (resolved / "config.json").is_file():
         raise ConfigError(f"model.path {path!r}: {resolved} is not a model directory (no config.json)")
+    dims = config.loss.matryoshka_dims
+    if dims:
+        try:
+            size = embedding_dim_of(resolved, config.model.output_dim, config.model.trust_remote_code)
+        except (EncoderError, OSError, ValueError) as e:
+            raise ConfigError(f"model.path {path!r}: {e}") from None
+        if max(dims) > size:
+            raise ConfigError(f"loss.matryoshka_dims {dims}: each must be at most the embedding size {size} "
+                              f"of {resolved}")
     return resolved
 
 

@@ -4,19 +4,19 @@ Every optimizer step, the schedule (training.schedule.assign_tasks) gives each r
 ranks given the same task take consecutive slices, in rank order, of that task's sample stream:
 the rows of the data set in a permutation fixed by (seed, data set, epoch), epoch after epoch. Every
 rank computes the whole assignment, so all ranks agree on every stream's position without talking,
-and a step's batches depend only on (seed, step, world size, the position at the start), never on
-the number of DataLoader workers.
+and a step's rows depend only on (seed, step, world size, the position at the start), never on the
+number of DataLoader workers (its store negatives are fixed when it is planned, a prefetch ahead).
 
 The sampler state is one cursor (epoch, position) per data set. Each batch carries the state
 *after* it, so the trainer checkpoints exactly what it has consumed, however far the DataLoader has
-prefetched; a resumed run continues from that state without replaying data. Which negatives a query
-trains with is the trainer's DynamicNegativeState (training/dynamic_negatives.py), read live by the
-sampler when it makes a plan, up to a prefetch ahead of the plan's step.
+prefetched; a resumed run continues from that state without replaying data. Which store negatives
+a query trains with, the sampler asks the trainer's NegativesRuntime (training/negatives_runtime.py)
+when it makes a plan, up to a prefetch ahead of the plan's step; the plan carries the answer.
 
 Negatives of a retrieval query, first source that exists:
   1. the negative store (RUN/negatives), for a data set with a corpus and num_negatives > 0 once the
      trainer uses a store version mined for its pairs file and corpus: the query's candidates minus
-     its positives, at the ranks DynamicNegativeState.negative_ranks gives (Conan's window i = ranks
+     its positives, at the ranks the plan names (Conan's window i = ranks
      [neg_offset + (i - 1) * m, neg_offset + i * m), m = num_negatives);
   2. the `neg` texts of the pairs file (m drawn per epoch, repeated when fewer);
   3. none: in-batch negatives only (m = 0), when no record has `neg` and there is no store.
@@ -24,7 +24,8 @@ A query short of m negatives is topped up with random corpus passages (a data se
 lack `neg` must then have a corpus).
 
 The DataLoader runs with batch_size=None: the sampler yields one BatchPlan per step, and the worker
-turns it into tensors (reading texts, negatives from the memory-mapped store, tokenizing).
+turns it into a RetrievalBatch or STSBatch of tensors (reading texts, negatives from the
+memory-mapped store, tokenizing).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import signal
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -50,17 +51,31 @@ from embedlib.records import (
     read_scored_pairs,
 )
 from training.config import Config, ConfigError, DatasetConfig
-from training.dynamic_negatives import DynamicNegativesConfig, DynamicNegativeState, fit_ranks
+from training.dynamic_negatives import fit_ranks
 from training.schedule import assign_tasks
 
+# Plans are made this many steps ahead of training per DataLoader worker (DataLoader's prefetch_factor).
+PREFETCH_PER_WORKER = 2
 
-def loss_kind(kind: str) -> str:
-    """The loss a task kind trains with: classification is trained as retrieval."""
-    return "sts" if kind == "sts" else "retrieval"
+
+def prefetch_steps(num_workers: int) -> int:
+    """How many steps ahead of training the sampler plans (0 without workers)."""
+    return num_workers * PREFETCH_PER_WORKER
 
 
 # ---------------------------------------------------------------------------------------------------
 # Tasks: the records of one data set, and how row i becomes texts
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """How a retrieval data set reads the negative store (it has a corpus and num_negatives > 0)."""
+
+    run_dir: str  # whose RUN/negatives
+    fingerprints: tuple[str, str]  # (queries, corpus): what a store version must be mined for
+    rule: str  # negatives.rule, which decides how ranks wrap at the end of a list
+    num_negatives: int  # n per query
+    rank_offset: int  # the top candidates skipped (data set neg_offset)
 
 
 @dataclass
@@ -73,13 +88,9 @@ class RetrievalTask:
     negatives: list[list[str]]  # the pairs file's `neg` texts
     positive_rows: list[list[int]]  # corpus rows of the positives (to keep them out of store negatives)
     passages: list[str] | None  # corpus passages in file order, for store ids and top-ups
-    # Set when the data set can read the negative store (it has a corpus and num_negatives > 0): the
-    # rule's configuration (n per query, the skipped top ranks) and the (queries, corpus) fingerprints
-    # a store version must carry to be used for this data set.
-    dynamic: DynamicNegativesConfig | None = None
-    fingerprints: tuple[str, str] | None = None
-    store_dir: str | None = None  # run dir whose negative store this task reads
+    store: StoreSource | None = None
     kind: str = "retrieval"
+    loss_kind: ClassVar[str] = "retrieval"
     _opened: NegativeVersion | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -112,10 +123,11 @@ class RetrievalTask:
                 self._opened.close()  # unpin the old version, so the store's gc may remove it
             # The training process holds `version` open (pinned against gc) while plans name it and
             # verified its checksums before the first plan did, so opening it here is safe and cheap.
-            self._opened = NegativeStore(self.store_dir).open(version, verify=False)
+            self._opened = NegativeStore(self.store.run_dir).open(version, verify=False)
         ids, _ = self._opened.candidates(row)
         ids = ids[~np.isin(ids, self.positive_rows[row])]
-        fitted = fit_ranks(np.asarray(ranks, np.int64), len(ids), self.dynamic)
+        store = self.store
+        fitted = fit_ranks(np.asarray(ranks, np.int64), len(ids), store.rule, store.num_negatives, store.rank_offset)
         return [self.passages[ids[rank]] for rank in fitted if rank >= 0]
 
     def _random_passages(self, row: int, count: int, rng: np.random.Generator) -> list[str]:
@@ -149,6 +161,7 @@ class ClassificationTask:
     labels: list[str]
     rows_of_label: dict[str, list[int]]
     kind: str = "classification"
+    loss_kind: ClassVar[str] = "retrieval"
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -175,6 +188,7 @@ class STSTask:
     second: list[str]
     scores: list[float]
     kind: str = "sts"
+    loss_kind: ClassVar[str] = "sts"
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -217,6 +231,9 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
                                   [r.label for r in records], dict(rows_of_label))
 
     docs = read_corpus(d.corpus) if d.corpus else None
+    if docs is not None and not docs:
+        raise RecordError(d.corpus, None, None, f"holds no passages; data.{index}.corpus must be a non-empty corpus "
+                                                "(or leave it out)")
     row_of_id = {doc.id: i for i, doc in enumerate(docs)} if docs else {}
     all_pairs = read_pairs(d.path, corpus={doc.id: doc for doc in docs} if docs else None)
     pairs = all_pairs[: d.limit]
@@ -234,11 +251,9 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
         positives=[p.pos for p in pairs], negatives=[p.neg for p in pairs],
         positive_rows=[[row_of_id[i] for i in (p.pos_ids or []) if i in row_of_id] for p in pairs],
         passages=[doc.passage for doc in docs] if docs else None,
-        dynamic=config.negatives.for_dataset(d) if uses_store else None,
         # The store's rows are the whole pairs file's queries (limit or not), its ids the corpus rows.
-        fingerprints=(queries_fingerprint([p.query for p in all_pairs]), corpus_fingerprint(docs)) if uses_store
-        else None,
-        store_dir=config.run_dir if uses_store else None,
+        store=StoreSource(config.run_dir, (queries_fingerprint([p.query for p in all_pairs]), corpus_fingerprint(docs)),
+                          config.negatives.rule, d.num_negatives, d.neg_offset) if uses_store else None,
     )
 
 
@@ -278,6 +293,23 @@ class SamplerState:
 
 
 @dataclass(frozen=True)
+class PlannedNegatives:
+    """Store negatives of one batch, fixed when it is planned: the store version in use then (DataLoader
+    workers hold their own copy of the task, so the plan names it), each row's negative ranks in its
+    candidate list, and each row's DynamicNegativeState generation (to drop stale scores at sync)."""
+
+    version: int
+    ranks: tuple[tuple[int, ...], ...]
+    generations: tuple[int, ...]
+
+
+class NegativesPlanner(Protocol):
+    """What the sampler asks about store negatives (training/negatives_runtime.NegativesRuntime)."""
+
+    def plan(self, task_name: str, rows: tuple[int, ...]) -> PlannedNegatives | None: ...
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     """One rank's batch at one step: which rows of which task, and the sampler state after the step."""
 
@@ -287,28 +319,22 @@ class BatchPlan:
     epochs: tuple[int, ...]
     assignment: tuple[str, ...]  # task name per rank at this step
     cursors_after: list[list[int]]  # every data set's cursor after this step
-    # Store negatives (None without): the version in use when the plan was made (DataLoader workers
-    # hold their own copy of the task, so the plan names it), each row's negative ranks in its
-    # candidate list, and each row's DynamicNegativeState generation (to drop stale scores at sync).
-    store_version: int | None = None
-    negative_ranks: tuple[tuple[int, ...], ...] | None = None
-    generations: tuple[int, ...] | None = None
+    negatives: PlannedNegatives | None = None  # None: no store version (pairs-file or in-batch negatives)
 
 
 class StepSampler:
     """Yields this rank's BatchPlan for step start_step, start_step + 1, ... (endless).
 
-    `negatives` are the trainer's live DynamicNegativeState per store-backed task (not copies): a plan
-    reads the version in use and the rows' ranks when it is made, up to a prefetch ahead of its step.
+    `negatives` (the trainer's NegativesRuntime) is asked, when a plan is made, which store negatives
+    its rows train with; that is up to a prefetch ahead of the plan's step.
     """
 
     def __init__(self, tasks: list[Task], weights: dict[str, float], world_size: int, rank: int, seed: int,
-                 mode: str, start_step: int, state: SamplerState,
-                 negatives: dict[str, DynamicNegativeState] | None = None):
+                 mode: str, start_step: int, state: SamplerState, negatives: NegativesPlanner | None = None):
         self.tasks, self.weights, self.world_size, self.rank = tasks, weights, world_size, rank
         self.seed, self.mode, self.start_step = seed, mode, start_step
         self.state = copy.deepcopy(state)
-        self.negatives = negatives if negatives is not None else {}
+        self.negatives = negatives
 
     def _permutation(self, task_index: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, task_index, epoch]).permutation(len(self.tasks[task_index]))
@@ -339,22 +365,45 @@ class StepSampler:
                     mine = (task_index, taken)
             task_index, taken = mine
             rows = tuple(r for r, _ in taken)
+            negatives = self.negatives.plan(self.tasks[task_index].name, rows) if self.negatives else None
             yield BatchPlan(step=step, task_index=task_index, rows=rows, epochs=tuple(e for _, e in taken),
                             assignment=tuple(assignment), cursors_after=copy.deepcopy(self.state.cursors),
-                            **self._store_negatives(self.tasks[task_index].name, rows))
+                            negatives=negatives)
             step += 1
-
-    def _store_negatives(self, task_name: str, rows: tuple[int, ...]) -> dict:
-        dyn = self.negatives.get(task_name)
-        if dyn is None or dyn.version is None:
-            return {}
-        return {"store_version": dyn.version,
-                "negative_ranks": tuple(tuple(int(r) for r in dyn.negative_ranks(row)) for row in rows),
-                "generations": tuple(int(dyn.generation[row]) for row in rows)}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Plans to tensors (runs in DataLoader workers)
+# Plans to batches (runs in DataLoader workers)
+
+
+@dataclass
+class StepBatch:
+    """What every batch carries besides its tensors."""
+
+    step: int  # the optimizer step it is for (0-based: the step that takes the run to step + 1)
+    task: str  # its data set
+    assignment: tuple[str, ...]  # every rank's data set at this step
+    cursors_after: list[list[int]]  # SamplerState.cursors once this step is trained
+
+
+@dataclass
+class RetrievalBatch(StepBatch):
+    """Retrieval and classification: queries, then every query's positive and its negatives."""
+
+    query: dict[str, torch.Tensor]  # tokenized queries [n, L]
+    passages: dict[str, torch.Tensor]  # tokenized: n positives, then each query's m negatives in order
+    num_negatives: int  # m, the same for every row of a batch
+    rows: tuple[int, ...]  # the data set rows of the queries
+    negatives: PlannedNegatives | None  # where the negatives came from, when from the store
+    loss_kind: ClassVar[str] = "retrieval"
+
+
+@dataclass
+class STSBatch(StepBatch):
+    first: dict[str, torch.Tensor]  # tokenized first sentences [b, L]
+    second: dict[str, torch.Tensor]
+    score: torch.Tensor  # [b] gold similarity
+    loss_kind: ClassVar[str] = "sts"
 
 
 class StepDataset(torch.utils.data.Dataset):
@@ -363,34 +412,30 @@ class StepDataset(torch.utils.data.Dataset):
     def __init__(self, tasks: list[Task], tokenizer, max_length: int, seed: int):
         self.tasks, self.tokenizer, self.max_length, self.seed = tasks, tokenizer, max_length, seed
 
-    def __getitem__(self, plan: BatchPlan) -> dict:
+    def __getitem__(self, plan: BatchPlan) -> RetrievalBatch | STSBatch:
         task = self.tasks[plan.task_index]
-        batch = {"step": plan.step, "task": task.name, "kind": loss_kind(task.kind),
-                 "assignment": plan.assignment, "cursors_after": plan.cursors_after}
+        common = {"step": plan.step, "task": task.name, "assignment": plan.assignment,
+                  "cursors_after": plan.cursors_after}
         if isinstance(task, STSTask):
-            batch["first"] = tokenize(self.tokenizer, [task.first[r] for r in plan.rows], self.max_length)
-            batch["second"] = tokenize(self.tokenizer, [task.second[r] for r in plan.rows], self.max_length)
-            batch["score"] = torch.tensor([task.scores[r] for r in plan.rows], dtype=torch.float32)
-            return batch
-        if plan.store_version is not None:
-            examples = [task.example(r, e, self.seed, ranks, plan.store_version)
-                        for r, e, ranks in zip(plan.rows, plan.epochs, plan.negative_ranks)]
-            batch.update(rows=plan.rows, generations=plan.generations, store_version=plan.store_version)
+            return STSBatch(**common,
+                            first=tokenize(self.tokenizer, [task.first[r] for r in plan.rows], self.max_length),
+                            second=tokenize(self.tokenizer, [task.second[r] for r in plan.rows], self.max_length),
+                            score=torch.tensor([task.scores[r] for r in plan.rows], dtype=torch.float32))
+        if plan.negatives is not None:
+            examples = [task.example(r, e, self.seed, ranks, plan.negatives.version)
+                        for r, e, ranks in zip(plan.rows, plan.epochs, plan.negatives.ranks)]
         else:
             examples = [task.example(r, e, self.seed) for r, e in zip(plan.rows, plan.epochs)]
-            batch["store_version"] = None
         queries = [q for q, _, _ in examples]
         # Positives first, then every query's negatives in order: one passage forward per step.
         passages = [p for _, p, _ in examples] + [n for _, _, negs in examples for n in negs]
-        batch["query"] = tokenize(self.tokenizer, queries, self.max_length)
-        batch["passages"] = tokenize(self.tokenizer, passages, self.max_length)
-        batch["num_negatives"] = len(examples[0][2])  # the same for every row of a batch
-        return batch
+        return RetrievalBatch(**common, query=tokenize(self.tokenizer, queries, self.max_length),
+                              passages=tokenize(self.tokenizer, passages, self.max_length),
+                              num_negatives=len(examples[0][2]), rows=plan.rows, negatives=plan.negatives)
 
 
 def make_loader(tasks: list[Task], tokenizer, config: Config, world_size: int, rank: int, start_step: int,
-                state: SamplerState, negatives: dict[str, DynamicNegativeState] | None = None
-                ) -> torch.utils.data.DataLoader:
+                state: SamplerState, negatives: NegativesPlanner | None = None) -> torch.utils.data.DataLoader:
     weights = {d.name: d.weight for d in config.data}
     sampler = StepSampler(tasks, weights, world_size, rank, config.seed, config.train.schedule_mode, start_step,
                           state, negatives)
@@ -398,7 +443,7 @@ def make_loader(tasks: list[Task], tokenizer, config: Config, world_size: int, r
     return torch.utils.data.DataLoader(
         StepDataset(tasks, tokenizer, config.model.max_length, config.seed),
         sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
-        prefetch_factor=2 if workers else None, worker_init_fn=_leave_signals_to_the_trainer,
+        prefetch_factor=PREFETCH_PER_WORKER if workers else None, worker_init_fn=_leave_signals_to_the_trainer,
     )
 
 
@@ -409,5 +454,5 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _as_is(batch: dict) -> dict:
+def _as_is(batch):
     return batch

@@ -7,7 +7,8 @@ assigned, and s = their current average score. Every `check_interval` steps the 
 negatives that are no longer hard:
 
   window rule (the paper's): a sample whose 1.15 * s < s0 and |s| < 0.8 moves from window i to
-      window i + 1, where window i is ranks [(i - 1) * n + 10, i * n + 10) of its candidate list;
+      window i + 1, where window i is ranks [offset + (i - 1) * n, offset + i * n) of its candidate
+      list (offset: the data set's neg_offset; Conan skips 10);
   per-negative rule (the follow-up paper's): each negative j whose 1.2 * s_j < s0_j and s_j < 0.7,
       or whose initial score s0_j < 0.4, is replaced by the next rank not used yet.
 
@@ -17,8 +18,9 @@ assignment, by default: s and s0 then come from the same live model in the same 
 precision, pooling), so their ratio measures what training did to the negatives and nothing else.
 A sample must be trained twice after an assignment before the ratio can fire (a negative s and the
 per-negative initial-score test need only once). The alternative, the mined scores of the store
-version, is available per record (`record(mined_scores=...)`): it lets the ratio fire at the first
-training, at the price of comparing the live model with the (older, eval-mode) export that mined.
+version, is available per record (`record(mined_scores=...)`, an API the trainer does not use): it
+lets the ratio fire at the first training, at the price of comparing the live model with the (older,
+eval-mode) export that mined.
 NaN means "not observed since the assignment"; comparisons with NaN are false, so such a sample is
 never stale. The rule runs in float32, the precision of the scores; thresholds are strict (a sample
 exactly at 1.15 * s == s0 or |s| == 0.8 is not stale).
@@ -50,73 +52,37 @@ still hold the negatives that the check replaced. Every assignment change bumps 
 credited to the new negatives.
 
 The version in use. All samples read the one version in use; `adopt_version` switches to a newer
-one (every rank at the same step: `broadcast_from_rank0` shares rank 0's decision). Window indices
+one (every rank at the same step: training/negatives_runtime.py decides when). Window indices
 and per-negative ranks are kept, but the negatives behind them changed, so every sample's scores
 are reset (s0 is re-observed) and every generation bumped.
 
 `state_dict()` / `load_state_dict()` give and take NumPy arrays only (no pickle); `save_states` /
 `load_states` keep every data set's state in one safetensors file of a checkpoint.
 
-Where versions come from. `VersionFeed` is the trainer's side of the mining sidecar: rank 0 finds new
-store versions without blocking a step, verifies them off the hot path and announces them; every
-rank keeps the versions its batches name open (pinned against the store's gc); and the sidecar's
-health is judged from the run directory's files alone.
+This module is the rule and its state only, with no files but checkpoints and no clock: where store
+versions come from, and when each of these calls happens in training, is
+training/negatives_runtime.py. The options are config.NegativesConfig (`negatives:` in a recipe);
+n and the skipped top ranks are each data set's num_negatives and neg_offset.
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
-import threading
-import time
+import typing
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from embedlib.exports import latest_export
-from embedlib.negstore import NegativeStore, NegativeStoreError, NegativeVersion
+from training.config import NegativesConfig
 
-logger = logging.getLogger(__name__)
 
-RULES = ("window", "per_negative")
+# The rules by number, as checkpoints store them (the order must never change).
+RULES = typing.get_args(typing.get_type_hints(NegativesConfig)["rule"])
 _NONE = -1  # version / model step / generation "not given"
-
-
-@dataclass
-class DynamicNegativesConfig:
-    # Replace hard negatives that are no longer hard (off: every sample keeps its first window).
-    enabled: bool = True
-    # "window": the paper's rule, a whole window of n negatives moves at once; "per_negative": the
-    # follow-up paper's rule, each negative replaced on its own by the next unused rank.
-    rule: Literal["window", "per_negative"] = "window"
-    # Hard negatives per query (n), the width of a window.
-    num_negatives: int = 7
-    # Candidates skipped at the top of every list (often unlabelled positives); window 1 starts here.
-    rank_offset: int = 10
-    # Optimizer steps between two applications of the rule.
-    check_interval: int = 100
-    # window rule: stale when stale_ratio * s < s0 and |s| < stale_abs_max.
-    stale_ratio: float = 1.15
-    stale_abs_max: float = 0.8
-    # per_negative rule: a negative is stale when per_negative_ratio * s < s0 and
-    # s < per_negative_max_score, or when its initial score s0 < per_negative_min_initial.
-    per_negative_ratio: float = 1.2
-    per_negative_max_score: float = 0.7
-    per_negative_min_initial: float = 0.4
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"dynamic negatives: rule {self.rule!r} must be one of {RULES}")
-        for name in ("num_negatives", "check_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"dynamic negatives: {name} must be at least 1, got {getattr(self, name)}")
-        if self.rank_offset < 0:
-            raise ValueError(f"dynamic negatives: rank_offset must be >= 0, got {self.rank_offset}")
 
 
 @dataclass(frozen=True)
@@ -152,16 +118,18 @@ class DynamicNegativeState:
     next_rank      int32 [N]      the next rank not used yet
     """
 
-    def __init__(self, num_samples: int, cfg: DynamicNegativesConfig):
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        self.num_samples, self.cfg = num_samples, cfg
-        n, offset = cfg.num_negatives, cfg.rank_offset
+    def __init__(self, num_samples: int, options: NegativesConfig, num_negatives: int, rank_offset: int):
+        if num_samples < 0 or num_negatives < 1 or rank_offset < 0:
+            raise ValueError(f"num_samples {num_samples}, num_negatives {num_negatives} and rank_offset {rank_offset} "
+                             "must be >= 0, >= 1 and >= 0")
+        self.num_samples, self.options = num_samples, options
+        self.num_negatives, self.rank_offset = num_negatives, rank_offset
+        n, offset = num_negatives, rank_offset
         self.window = np.ones(num_samples, np.int32)
         self.initial_score = np.full(num_samples, np.nan, np.float32)
         self.score = np.full(num_samples, np.nan, np.float32)
         self.generation = np.zeros(num_samples, np.int64)
-        if cfg.rule == "per_negative":
+        if options.rule == "per_negative":
             self.slot_ranks = np.tile(np.arange(offset, offset + n, dtype=np.int32), (num_samples, 1))
             self.slot_initial_score = np.full((num_samples, n), np.nan, np.float32)
             self.slot_score = np.full((num_samples, n), np.nan, np.float32)
@@ -174,7 +142,7 @@ class DynamicNegativeState:
 
     def due(self, step: int) -> bool:
         """Whether the rule runs after optimizer step `step` (steps counted from 1)."""
-        return self.cfg.enabled and step > 0 and step % self.cfg.check_interval == 0
+        return self.options.dynamic and step > 0 and step % self.options.check_interval == 0
 
     def negative_ranks(self, sample: int, num_candidates: int | None = None) -> np.ndarray:
         """int64 [n]: ranks in the sample's candidate list of the negatives to train with now.
@@ -182,12 +150,12 @@ class DynamicNegativeState:
         num_candidates, the length of that list: see fit_ranks(). None: the list is taken as long
         enough (a DataLoader worker that knows the length can call fit_ranks on these ranks).
         """
-        n, offset = self.cfg.num_negatives, self.cfg.rank_offset
-        if self.cfg.rule == "window":
+        n, offset = self.num_negatives, self.rank_offset
+        if self.options.rule == "window":
             ranks = offset + (int(self.window[sample]) - 1) * n + np.arange(n, dtype=np.int64)
         else:
             ranks = self.slot_ranks[sample].astype(np.int64)
-        return ranks if num_candidates is None else fit_ranks(ranks, num_candidates, self.cfg)
+        return ranks if num_candidates is None else fit_ranks(ranks, num_candidates, self.options.rule, n, offset)
 
     # --- recording -------------------------------------------------------------------------------
 
@@ -203,7 +171,7 @@ class DynamicNegativeState:
         candidate, falls back to the observed score).
         """
         samples = _as_numpy(sample_indices, np.int64).reshape(-1)
-        b, n = len(samples), self.cfg.num_negatives
+        b, n = len(samples), self.num_negatives
         scores = _as_numpy(negative_scores, np.float32)
         if scores.shape != (b, n):
             raise ValueError(f"negative_scores has shape {tuple(scores.shape)}, expected ({b}, {n}): "
@@ -231,7 +199,7 @@ class DynamicNegativeState:
         Without torch.distributed (or with one rank) it applies this process's queue. Uses
         all_gather_object: under NCCL, torch.cuda.set_device(local_rank) must have been called.
         """
-        mine = _pack(self._pending, self.cfg.num_negatives)
+        mine = _pack(self._pending, self.num_negatives)
         mine["fingerprint"] = self._fingerprint()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -260,7 +228,7 @@ class DynamicNegativeState:
         self.score[samples[last]] = scores[last].mean(axis=1)
         unknown = first[np.isnan(self.initial_score[samples[first]])]
         self.initial_score[samples[unknown]] = initial[unknown].mean(axis=1)
-        if self.cfg.rule == "per_negative":
+        if self.options.rule == "per_negative":
             self.slot_score[samples[last]] = scores[last]
             slots_s0 = self.slot_initial_score[samples[first]]
             self.slot_initial_score[samples[first]] = np.where(np.isnan(slots_s0), initial[first], slots_s0)
@@ -273,12 +241,12 @@ class DynamicNegativeState:
         observed = ~np.isnan(self.score)
         mean_score = float(self.score[observed].mean()) if observed.any() else None
         unobserved = int((~observed).sum())
-        cfg = self.cfg
+        cfg = self.options
         if cfg.rule == "window":
             s, s0 = self.score, self.initial_score
             stale = (np.float32(cfg.stale_ratio) * s < s0) & (np.abs(s) < np.float32(cfg.stale_abs_max))
             self.window[stale] += 1
-            replaced = int(stale.sum()) * cfg.num_negatives
+            replaced = int(stale.sum()) * self.num_negatives
         else:
             s, s0 = self.slot_score, self.slot_initial_score
             slot_stale = ((np.float32(cfg.per_negative_ratio) * s < s0) & (s < np.float32(cfg.per_negative_max_score))
@@ -308,7 +276,7 @@ class DynamicNegativeState:
             return False
         self.version, self.version_model_step = int(version), None if model_step is None else int(model_step)
         self._reset(np.ones(self.num_samples, bool))
-        if self.cfg.rule == "per_negative":
+        if self.options.rule == "per_negative":
             self.slot_initial_score[:] = np.nan
             self.slot_score[:] = np.nan
         return True
@@ -332,9 +300,8 @@ class DynamicNegativeState:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Arrays only (copies), after sync(): store with safetensors or np.savez."""
         self._require_synced("state_dict")
-        cfg = self.cfg
         state = {
-            "layout": np.array([self.num_samples, RULES.index(cfg.rule), cfg.num_negatives, cfg.rank_offset],
+            "layout": np.array([self.num_samples, RULES.index(self.options.rule), self.num_negatives, self.rank_offset],
                                np.int64),
             "version": np.array([_NONE if self.version is None else self.version,
                                  _NONE if self.version_model_step is None else self.version_model_step], np.int64),
@@ -348,14 +315,14 @@ class DynamicNegativeState:
         expected = {"layout", "version", *self._array_names()}
         if set(state) != expected:
             raise ValueError(f"dynamic negatives checkpoint: keys {sorted(state)} differ from {sorted(expected)} "
-                             f"(rule {self.cfg.rule!r})")
+                             f"(rule {self.options.rule!r})")
         layout = np.asarray(state["layout"])
         if layout.shape != (4,):
             raise ValueError(f"dynamic negatives checkpoint: 'layout' has shape {layout.shape}, expected (4,)")
         have = dict(zip(("num_samples", "rule", "num_negatives", "rank_offset"), (int(v) for v in layout)))
         have["rule"] = RULES[have["rule"]] if 0 <= have["rule"] < len(RULES) else have["rule"]
-        want = {"num_samples": self.num_samples, "rule": self.cfg.rule, "num_negatives": self.cfg.num_negatives,
-                "rank_offset": self.cfg.rank_offset}
+        want = {"num_samples": self.num_samples, "rule": self.options.rule, "num_negatives": self.num_negatives,
+                "rank_offset": self.rank_offset}
         for key in want:
             if have[key] != want[key]:
                 raise ValueError(f"dynamic negatives checkpoint: {key} is {have[key]!r}, this run has "
@@ -378,7 +345,7 @@ class DynamicNegativeState:
 
     def _array_names(self) -> list[str]:
         names = ["window", "initial_score", "score", "generation"]
-        if self.cfg.rule == "per_negative":
+        if self.options.rule == "per_negative":
             names += ["slot_ranks", "slot_initial_score", "slot_score", "next_rank"]
         return names
 
@@ -412,13 +379,13 @@ def load_states(path: str | os.PathLike, states: dict[str, DynamicNegativeState]
         state.load_state_dict(grouped[name])
 
 
-def fit_ranks(ranks: np.ndarray, num_candidates: int, cfg: DynamicNegativesConfig) -> np.ndarray:
+def fit_ranks(ranks: np.ndarray, num_candidates: int, rule: str, num_negatives: int, rank_offset: int) -> np.ndarray:
     """negative_ranks() output fitted to a candidate list of num_candidates: ranks past its end wrap
     around (module docstring), -1 marks a slot with no candidate."""
-    n, offset = cfg.num_negatives, cfg.rank_offset
+    n, offset = num_negatives, rank_offset
     usable = max(0, num_candidates - offset)
     position = np.asarray(ranks, np.int64) - offset
-    if cfg.rule == "window":
+    if rule == "window":
         full_windows = usable // n
         if full_windows == 0:  # not even one window: what there is, -1 for the rest
             return np.where(np.arange(n) < usable, offset + np.arange(n), -1)
@@ -429,176 +396,6 @@ def fit_ranks(ranks: np.ndarray, num_candidates: int, cfg: DynamicNegativesConfi
     repeated = np.ones(n, bool)
     repeated[np.unique(wrapped, return_index=True)[1]] = False  # a rank already held by an earlier slot
     return np.where(repeated, -1, wrapped)
-
-
-def broadcast_from_rank0(value: Any, group=None) -> Any:
-    """Rank 0's `value` on every rank (e.g. the newest store version it found, so that all ranks adopt
-    the same one at the same step). Without torch.distributed: `value` itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-    return box[0]
-
-
-# --- the store's versions: the trainer's side of the mining sidecar --------------------------------
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """Rank 0's decision, broadcast to every rank: use store `version` from now on for `tasks`."""
-
-    version: int
-    model_step: int | None  # the training step of the export that mined it
-    tasks: tuple[str, ...]  # the data sets whose queries and corpus it was mined for
-
-
-class VersionFeed:
-    """New versions of RUN/negatives for the trainer, without ever blocking a step, and the sidecar's health.
-
-    Rank 0 lists the store at most every `poll_seconds` (one directory listing); a version newer
-    than any it looked at before is opened and its checksums verified in a background thread (a large
-    version takes a while to hash), and `take()` returns its Announcement once that is done, for the
-    trainer to broadcast (broadcast_from_rank0) and adopt on every rank at the same step. A damaged
-    version is skipped with a warning: training goes on with the version in use.
-
-    Every rank keeps the versions its plans may name open (`pin`): an open version is locked against
-    the store's gc, and DataLoader workers open it again by number, so it must still exist. The previous
-    version is released once no plan in flight can name it (`lookahead` steps after an adoption).
-
-    The sidecar's health comes from files only: it looks dead once an export newer than the newest
-    version's model step has waited `sidecar_timeout_s` for a version (rank 0 warns once; and says so
-    once more when a version arrives after that).
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, fingerprints: dict[str, tuple[str, str]],
-                 sidecar_timeout_s: float, poll_seconds: float = 1.0):
-        self.run_dir, self.store = Path(run_dir), NegativeStore(run_dir)
-        self.fingerprints = fingerprints  # data set -> the (queries, corpus) fingerprints it needs
-        self.sidecar_timeout_s, self.poll_seconds = sidecar_timeout_s, poll_seconds
-        self._pins: dict[int, NegativeVersion] = {}
-        self._release_after: dict[int, int] = {}  # pinned version -> step after which no plan names it
-        # rank 0 only (first, take)
-        self._considered = 0  # the newest version looked at
-        self._worker: threading.Thread | None = None
-        self._found: tuple[Announcement, NegativeVersion] | None = None
-        self._last_poll = -math.inf
-        self._mined_step: int | None = None  # model step of the newest version seen
-        self._waiting_since: float | None = None  # when an export newer than _mined_step was first seen
-        self.sidecar_dead = False
-
-    def first(self, restored: int | None) -> Announcement | None:
-        """Rank 0, before step 1: the version to train with. The checkpoint's (`restored`) while it is
-        there and sound, else the newest sound one mined for these data sets; None without one."""
-        versions = self.store.versions()
-        order = ([restored] if restored in versions else []) + [v for v in reversed(versions) if v != restored]
-        if restored is not None and restored not in versions:
-            logger.warning("negatives v%06d of the checkpoint is gone from %s; using the newest sound version",
-                           restored, self.store.root)
-        self._considered = max(versions, default=0)
-        for version in order:
-            found = self._examine(version)
-            if found is not None:
-                announcement, opened = found
-                self._pins[version] = opened
-                # Newer versions than the checkpoint's are picked up by the first polls.
-                self._considered, self._mined_step = version, announcement.model_step
-                return announcement
-        return None
-
-    def take(self) -> Announcement | None:
-        """Rank 0, every step: a newer verified version, or None (never waits for one)."""
-        self._poll()
-        if self._worker is None or self._worker.is_alive():
-            return None
-        self._worker, found, self._found = None, self._found, None
-        if found is None:
-            return None
-        announcement, opened = found
-        self._pins[announcement.version] = opened
-        return announcement
-
-    def pin(self, announcement: Announcement, step: int, lookahead: int) -> None:
-        """Every rank, at the adoption after step `step`: hold the new version (rank 0 already does)
-        and release the others once the plans made before this step are trained."""
-        version = announcement.version
-        if version not in self._pins:
-            self._pins[version] = self.store.open(version, verify=False)  # rank 0 verified the checksums
-        for old in self._pins:
-            if old != version:
-                self._release_after.setdefault(old, step + lookahead)
-
-    def release(self, step: int) -> None:
-        """After training step `step`: close versions that no plan can name any more."""
-        for version, after in list(self._release_after.items()):
-            if step > after:
-                self._pins.pop(version).close()
-                del self._release_after[version]
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._worker.join()
-            if self._found is not None:
-                self._found[1].close()
-        for opened in self._pins.values():
-            opened.close()
-        self._pins.clear()
-
-    def _poll(self) -> None:
-        now = time.monotonic()
-        if now - self._last_poll < self.poll_seconds:
-            return
-        self._last_poll = now
-        newest = self.store.latest_version()
-        if newest is not None and newest > self._considered:
-            self._waiting_since = None  # the sidecar published: it is alive
-            if self.sidecar_dead:
-                self.sidecar_dead = False
-                logger.warning("the mining sidecar is back: negatives v%06d appeared", newest)
-            if self._worker is None:
-                self._considered = newest
-                self._worker = threading.Thread(target=self._examine_in_background, args=(newest,),
-                                                name="negatives-verify", daemon=True)
-                self._worker.start()
-        self._watch_sidecar(now)
-
-    def _examine_in_background(self, version: int) -> None:
-        self._found = self._examine(version)
-        if self._found is not None:
-            self._mined_step = self._found[0].model_step
-
-    def _examine(self, version: int) -> tuple[Announcement, NegativeVersion] | None:
-        """Open and verify a version; None (with a warning) when it is damaged or mined for other data."""
-        try:
-            opened = self.store.open(version, verify=True)
-        except NegativeStoreError as error:
-            logger.warning("skipping negatives v%06d, training goes on with the version in use: %s", version, error)
-            return None
-        manifest = opened.manifest
-        mined_for = (manifest.get("queries_fingerprint"), manifest.get("corpus_fingerprint"))
-        tasks = tuple(name for name, fingerprints in self.fingerprints.items() if fingerprints == mined_for)
-        if not tasks:
-            opened.close()
-            logger.warning("skipping negatives v%06d: mined for other queries or another corpus than the data "
-                           "sets %s", version, sorted(self.fingerprints))
-            return None
-        model_step = manifest.get("model_step")
-        return Announcement(version, None if model_step is None else int(model_step), tasks), opened
-
-    def _watch_sidecar(self, now: float) -> None:
-        if self._worker is not None:  # a new version is being verified: the sidecar is alive
-            return
-        export = latest_export(self.run_dir)
-        if export is None or self._mined_step is None or export.step <= self._mined_step:
-            self._waiting_since = None
-            return
-        if self._waiting_since is None:
-            self._waiting_since = now
-        elif not self.sidecar_dead and now - self._waiting_since > self.sidecar_timeout_s:
-            self.sidecar_dead = True
-            logger.warning("the mining sidecar looks dead: export step %d has waited %.0f s for its negatives "
-                           "(negatives.sidecar_timeout_s); training goes on with the version in use",
-                           export.step, now - self._waiting_since)
 
 
 # --- queued records ------------------------------------------------------------------------------

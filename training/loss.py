@@ -42,7 +42,7 @@ from torch import Tensor
 
 from embedlib.encoder import truncate_embeddings
 
-TASK_KINDS = ("retrieval", "sts")
+LOSS_KINDS = ("retrieval", "sts")
 
 
 @dataclass
@@ -190,9 +190,9 @@ def _world(world_size: int | None) -> tuple[int, int]:
 def _check_kinds(local: RetrievalEmbeddings | STSEmbeddings, rank_kinds: list[str], world_size: int, rank: int) -> None:
     if len(rank_kinds) != world_size:
         raise ValueError(f"rank_kinds has {len(rank_kinds)} entries for {world_size} ranks: {rank_kinds}")
-    unknown = sorted(set(rank_kinds) - set(TASK_KINDS))
+    unknown = sorted(set(rank_kinds) - set(LOSS_KINDS))
     if unknown:
-        raise ValueError(f"rank_kinds contains unknown kinds {unknown}; known: {list(TASK_KINDS)}")
+        raise ValueError(f"rank_kinds contains unknown kinds {unknown}; known: {list(LOSS_KINDS)}")
     own_kind = "retrieval" if isinstance(local, RetrievalEmbeddings) else "sts"
     if rank_kinds[rank] != own_kind:
         raise ValueError(f"rank {rank} got {own_kind} embeddings but the schedule says {rank_kinds[rank]!r}")

@@ -21,24 +21,20 @@ The run directory (config `run_dir`):
     RUN/exports/          step_XXXXXXXX encoder directories (embedlib.exports): every
                           train.export_every steps and at the end; what the mining sidecar loads
     RUN/negatives/        the mining sidecar's negative store (embedlib.negstore), read here
+    RUN/logs/             trainer.rank<R>.log: every rank's whole log (INFO and above, the libraries'
+                          notices and warnings included); the console shows rank 0's progress bar,
+                          warnings and errors only (embedlib.logs)
     RUN/tensorboard/      when tensorboard is installed
 
-Dynamic hard negatives (training/dynamic_negatives.py; options under `negatives:`). A retrieval data
-set with a corpus and num_negatives > 0 trains with the candidates of the store version in use:
-at the start the checkpoint's version, else the newest one mined for its pairs file and corpus.
-After every step the loss's scores of each query's negatives are recorded; every
-negatives.check_interval steps all ranks apply the rule (stale samples move to their next window).
-Rank 0 looks for a newer store version without ever waiting for one (checksums are verified in a
-background thread) and announces it; all ranks adopt it at the same step. The sidecar
-(`python -m mining sidecar --run-dir RUN`) mines every new export; when it dies, training goes on
-with the version in use (one warning), and versions are picked up again when it comes back. With
-DataLoader workers, batches prefetched across a check or an adoption keep the negatives they were
-planned with (their scores are not credited to the new ones), so a resumed run matches an
-uninterrupted one exactly only with train.num_workers=0 or without checks and new versions.
+Dynamic hard negatives (options under `negatives:`): a retrieval data set with a corpus and
+num_negatives > 0 trains with the candidates of the run's negative store, refreshed by the mining
+sidecar (`python -m mining sidecar --run-dir RUN`) and by Conan's rule; training/negatives_runtime.py
+owns all of it, and the training loop calls it once per step.
 
-Before the first step everything that can be checked is: the configuration, the DeepSpeed JSON
+Before any model is loaded everything that can be checked is: the configuration, the DeepSpeed JSON
 against it, the model directory, and every record of every data file. A problem there is one line
-on stderr (`error: ...`, naming file, line and field for data) and exit status 2.
+on stderr (`error: ...`, naming file, line and field for data), exit status 2, and nothing written.
+A loss that is not finite stops the run at that step: one line, exit status 1, run.json "failed".
 
 Checkpoints are written every train.save_every steps, at the end, and when SIGTERM or SIGUSR1
 arrives (cluster preemption): the flag is agreed on by all ranks after the current step, which is
@@ -54,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import platform
 import signal
@@ -77,26 +74,14 @@ from embedlib.encoder import EncoderError
 from embedlib.exports import list_exports
 from embedlib.negstore import NegativeStoreError
 from embedlib.records import RecordError
+from embedlib.logs import route_logs
+from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, utc_now
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import (
-    Config,
-    ConfigError,
-    build_ds_config,
-    load_config,
-    resolve_model_path,
-    to_dict,
-)
-from training.data import RetrievalTask, SamplerState, Task, load_tasks, loss_kind, make_loader
-from training.dynamic_negatives import (
-    STATE_FILENAME,
-    Announcement,
-    DynamicNegativeState,
-    VersionFeed,
-    broadcast_from_rank0,
-    load_states,
-    save_states,
-)
+from training.config import (Config, ConfigError, build_ds_config, check_evaluation_data, check_model, load_config,
+                             to_dict)
+from training.data import RetrievalBatch, SamplerState, StepBatch, Task, load_tasks, make_loader, prefetch_steps
 from training.loss import RetrievalEmbeddings, STSEmbeddings, StepLoss, cbb_step_loss
+from training.negatives_runtime import NegativesRuntime
 from training.schedule import assign_tasks
 
 logger = logging.getLogger("training")
@@ -117,20 +102,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     # Installed first: a cluster's warning signal may arrive while the model and data still load.
     preemption = Preemption()
+    rank = launcher_rank(os.environ)
+    route_logs(console_level=logging.WARNING if rank == 0 else logging.ERROR)
+
+    def fail(error: Exception, status: int) -> int:
+        # Every rank reads the same files and computes the same global loss, so every rank finds the
+        # same problem: rank 0 says it, once.
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return status
+
     try:
         rank_env_from_slurm(os.environ)
         config, model_path, tasks = prepare(args)
     except (ConfigError, RecordError, EncoderError, NegativeStoreError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, 2)
     try:
         return train(config, model_path, tasks, args, argv if argv is not None else sys.argv[1:], preemption)
     except (ConfigError, EncoderError) as error:  # found once the model is loaded (every rank finds it)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, 2)
+    except LossNotFinite as error:
+        return fail(error, 1)
+
+
+def launcher_rank(env) -> int:
+    """This process's rank before torch.distributed exists: from the launcher (deepspeed, torchrun,
+    srun, MPI), 0 when started alone."""
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
 
 
 def rank_env_from_slurm(env) -> None:
@@ -153,7 +156,8 @@ def rank_env_from_slurm(env) -> None:
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, list[Task]]:
     """Everything checked before any process group exists: cheap to fail, one clear line."""
     config = load_config(args.config, args.overrides)
-    model_path = resolve_model_path(config.model.path)
+    model_path = check_model(config)
+    check_evaluation_data(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     build_ds_config(config, world_size, torch.cuda.is_available())  # contradictions fail here
     try:
@@ -170,43 +174,39 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
           preemption: Preemption) -> int:
     import deepspeed  # imported late: the checks above should fail fast
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     has_gpu = torch.cuda.is_available()
     ds_config = build_ds_config(config, world_size, has_gpu)
     run_dir = Path(config.run_dir)
+    # Now that the checks passed, the run directory may be written: the whole story goes to a file per rank.
+    route_logs(console_level=logging.WARNING if rank == 0 else logging.ERROR,
+               log_file=run_dir / LOGS / f"trainer.rank{rank}.log")
 
     engine = build_engine(config, model_path, ds_config)
-    dim = engine.module.embedding_dim
-    if any(not 0 < d <= dim for d in config.loss.matryoshka_dims or []):
-        raise ConfigError(f"loss.matryoshka_dims {config.loss.matryoshka_dims}: each must be between 1 and "
-                          f"the embedding size {dim}")
-    start_step, state = 0, SamplerState.initial(tasks)
-    negatives = {t.name: DynamicNegativeState(len(t), t.dynamic) for t in tasks
-                 if isinstance(t, RetrievalTask) and t.dynamic is not None}
+    start_step, state, resumed_from = 0, SamplerState.initial(tasks), None
     if args.resume:
         loaded = load_checkpoint(engine, run_dir)
         if loaded is not None:
             start_step, client_state = loaded
             state = SamplerState.from_dict(client_state["data"], tasks)
-            if negatives:
-                try:
-                    load_states(checkpoint_dir(run_dir, start_step) / STATE_FILENAME, negatives)
-                except ValueError as error:
-                    raise ConfigError(str(error)) from None
+            resumed_from = checkpoint_dir(run_dir, start_step)
             logger.info("resumed from step %d", start_step)
         elif rank == 0:
             logger.info("--resume: no checkpoint in %s, starting from step 0", run_dir)
+    negatives = NegativesRuntime(run_dir, tasks, config.negatives, lookahead=prefetch_steps(config.train.num_workers))
+    negatives.start(start_step, resumed_from)
 
     record = RunRecord(run_dir, argv, world_size, ds_config, start_step, enabled=rank == 0)
     if rank == 0:
-        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+        atomic_write_bytes(run_dir / CONFIG_YAML, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     try:
         status, step = train_loop(engine, config, tasks, state, negatives, start_step, record, preemption)
     except BaseException as error:
-        record.finish("failed", None, error=repr(error))
+        record.finish(RunStatus.FAILED, None, error=repr(error))
         raise
+    finally:
+        negatives.close()
     record.finish(status, step)
     dist.barrier()
     dist.destroy_process_group()
@@ -253,36 +253,22 @@ def lr_factor(config: Config):
     return factor
 
 
-def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
-               negatives: dict[str, DynamicNegativeState], start_step: int, record: RunRecord,
-               preemption: Preemption) -> tuple[str, int]:
+def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, negatives: NegativesRuntime,
+               start_step: int, record: RunRecord, preemption: Preemption) -> tuple[RunStatus, int]:
     from training.export import export_model
-    from training.metrics import EVAL_FILENAME, MetricsLog, StepProgress
+    from training.metrics import MetricsLog, StepProgress
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir, t = Path(config.run_dir), config.train
-    task_of = {task.name: task for task in tasks}
+    batch_size_of = {task.name: task.batch_size for task in tasks}
+    loss_kind_of = {task.name: task.loss_kind for task in tasks}
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
-    eval_log = MetricsLog(run_dir, start_step, EVAL_FILENAME) if rank == 0 and config.evaluation.beir else None
+    eval_log = MetricsLog(run_dir, start_step, EVAL_JSONL) if rank == 0 and config.evaluation.beir else None
     progress = StepProgress(t.max_steps, start_step, enabled=rank == 0 and t.progress)
-    feed = VersionFeed(run_dir, {name: task_of[name].fingerprints for name in negatives},
-                       sidecar_timeout_s=config.negatives.sidecar_timeout_s)
-
-    def adopt(announcement: Announcement, step: int, lookahead: int) -> None:
-        """Every rank at the same step: train with the announced store version from the next plan on."""
-        feed.pin(announcement, step, lookahead)
-        for name in announcement.tasks:
-            negatives[name].sync()
-            if negatives[name].adopt_version(announcement.version, announcement.model_step):
-                logger.info("rank %d: %s adopts negatives v%06d (export step %s) at step %d", rank, name,
-                            announcement.version, announcement.model_step, step)
 
     def checkpoint(step: int) -> None:
-        for dyn in negatives.values():
-            dyn.sync()
         save_checkpoint(engine, run_dir, step, {"data": state.to_dict()}, keep=t.keep_checkpoints,
-                        write_extra=(lambda tag_dir: save_states(tag_dir / STATE_FILENAME, negatives)) if negatives
-                        else None)
+                        write_extra=negatives.before_checkpoint())
 
     def evaluation_due(step: int) -> bool:
         e = config.evaluation
@@ -298,46 +284,26 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
                 eval_log.log({"step": step, **evaluate_export(info.path, config)})
             dist.barrier()
 
-    if negatives:  # the version to start with: the checkpoint's, else the newest one mined for our data
-        restored = next((dyn.version for dyn in negatives.values() if dyn.version is not None), None)
-        first = broadcast_from_rank0(feed.first(restored) if rank == 0 else None)
-        if first is not None:
-            adopt(first, start_step, lookahead=0)
-        elif restored is not None:
-            raise ConfigError(f"the checkpoint trains with negatives v{restored:06d}, and {feed.store.root} holds "
-                              "no sound version mined for these data sets any more")
     loader = make_loader(tasks, engine.module.tokenizer, config, world_size, rank, start_step, state, negatives)
-    # Plans are made this many steps ahead of training (DataLoader prefetch): an adoption reaches
-    # the batches after them, and the previous version stays pinned until then.
-    lookahead = loader.num_workers * (loader.prefetch_factor or 0)
-
-    step, status = start_step, "completed"
+    step, status = start_step, RunStatus.COMPLETED
     try:
         if start_step >= t.max_steps:
             export(start_step)  # nothing left to train: make sure the final export exists
             return status, step
         last = time.perf_counter()
         for batch in loader:
-            step_index = batch["step"]
-            seed_step(config.seed, step_index, rank)
+            seed_step(config.seed, batch.step, rank)
             lr = engine.get_lr()[0]
-            kinds = [loss_kind(task_of[name].kind) for name in batch["assignment"]]
-            out = train_step(engine, batch, kinds, config)
-            step = step_index + 1
-            state.cursors = batch["cursors_after"]
-            if batch.get("store_version") is not None:  # s of these rows' negatives, from the loss
-                negatives[batch["task"]].record(batch["rows"], out.negative_scores, step,
-                                                generations=batch["generations"])
+            out = train_step(engine, batch, [loss_kind_of[name] for name in batch.assignment], config)
+            step = batch.step + 1
+            state.cursors = batch.cursors_after
 
             now = time.perf_counter()
-            samples = sum(task_of[name].batch_size for name in batch["assignment"])
+            samples = sum(batch_size_of[name] for name in batch.assignment)
             figures = {"step": step, "loss": out.value, **{f"loss/{k}": v for k, v in out.per_task_kind.items()},
                        "lr": lr, "samples": samples, "samples_per_s": samples / (now - last),
-                       "step_time_s": now - last, "tasks": list(batch["assignment"]), "time": time.time(),
-                       "negatives_version": {}}
-            if negatives:
-                figures.update(dynamic_negatives_step(negatives, feed, step, lookahead, adopt, rank))
-
+                       "step_time_s": now - last, "tasks": list(batch.assignment), "time": time.time(),
+                       **negatives.after_step(step, batch, out.negative_scores)}
             if rank == 0:
                 metrics.log(figures)
                 progress.update(figures)
@@ -346,7 +312,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
             if stop or step == t.max_steps or (t.save_every and step % t.save_every == 0):
                 checkpoint(step)
             if stop:
-                status = "preempted"
+                status = RunStatus.PREEMPTED
                 if rank == 0:
                     logger.info("signal %s: saved step %d, exiting", preemption.signal_name, step)
                 break
@@ -357,55 +323,40 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState,
             last = time.perf_counter()  # checkpoints and exports are not training time
     finally:
         progress.close()
-        feed.close()
         for log in (metrics, eval_log):
             if log is not None:
                 log.close()
     return status, step
 
 
-def dynamic_negatives_step(negatives: dict[str, DynamicNegativeState], feed: VersionFeed, step: int,
-                           lookahead: int, adopt, rank: int) -> dict:
-    """After optimizer step `step`, on every rank: the rule where due, then a new store version if rank 0
-    has one ready. Returns the figures for metrics.jsonl (the checks' on check steps)."""
-    figures: dict = {}
-    checked = False
-    for name, dyn in negatives.items():
-        if dyn.due(step):
-            dyn.sync()
-            figures.update(dyn.check(step).metrics(prefix=f"negatives/{name}/"))
-            checked = True
-    if checked and rank == 0:
-        figures["negatives/sidecar_alive"] = not feed.sidecar_dead
-    # After the check: a new version resets every score, so the rule could not fire at this step.
-    announcement = broadcast_from_rank0(feed.take() if rank == 0 else None)
-    if announcement is not None:
-        adopt(announcement, step, lookahead)
-    feed.release(step)
-    figures["negatives_version"] = {name: dyn.version for name, dyn in negatives.items()}
-    return figures
+class LossNotFinite(RuntimeError):
+    """The global loss is NaN or infinite: the step is not taken and the run stops."""
 
 
-def train_step(engine, batch: dict, kinds: list[str], config: Config) -> StepLoss:
+def train_step(engine, batch: StepBatch, kinds: list[str], config: Config) -> StepLoss:
     """One optimizer step on this rank's batch; `kinds` is every rank's loss kind for the step."""
     out = cbb_step_loss(embed(engine, batch), kinds, config.loss, dist.get_world_size())
+    if not math.isfinite(out.value):  # the same global value on every rank: all ranks stop here
+        raise LossNotFinite(f"step {batch.step + 1}: the loss is {out.value}; the run stops without taking the "
+                            f"step (optim.lr={config.optim.lr:g}, loss.temperature={config.loss.temperature:g}; "
+                            f"the newest checkpoint in {config.run_dir} is intact)")
     engine.backward(out.loss)
     engine.step()
     return out
 
 
-def embed(engine, batch: dict) -> RetrievalEmbeddings | STSEmbeddings:
+def embed(engine, batch: StepBatch) -> RetrievalEmbeddings | STSEmbeddings:
     """This rank's embeddings for its batch: always two forwards (see the module docstring)."""
     device = engine.device
 
     def forward(inputs: dict) -> torch.Tensor:
         return engine(**{k: v.to(device) for k, v in inputs.items()})
 
-    if batch["kind"] == "sts":
-        return STSEmbeddings(forward(batch["first"]), forward(batch["second"]), batch["score"].to(device))
-    query = forward(batch["query"])
-    passages = forward(batch["passages"])
-    n, m = len(query), batch["num_negatives"]
+    if not isinstance(batch, RetrievalBatch):
+        return STSEmbeddings(forward(batch.first), forward(batch.second), batch.score.to(device))
+    query = forward(batch.query)
+    passages = forward(batch.passages)
+    n, m = len(query), batch.num_negatives
     return RetrievalEmbeddings(query, passages[:n], passages[n:].reshape(n, m, passages.shape[-1]))
 
 
@@ -448,11 +399,11 @@ class RunRecord:
 
     def __init__(self, run_dir: Path, argv: list[str], world_size: int, ds_config: dict, start_step: int,
                  enabled: bool):
-        self.path, self.enabled = run_dir / "run.json", enabled
+        self.path, self.enabled = run_dir / RUN_JSON, enabled
         self.run_dir = run_dir
         self.data = {
             "argv": argv, "world_size": world_size, "start_step": start_step, "final_step": None,
-            "status": "running", "started_at": _now(), "ended_at": None, "exports": [],
+            "status": RunStatus.RUNNING.value, "started_at": utc_now(), "ended_at": None, "exports": [],
             "ds_config": ds_config, "host": platform.node(),
             "versions": {"python": platform.python_version(),
                          **{name: _version(name) for name in ("torch", "deepspeed", "transformers")}},
@@ -461,18 +412,14 @@ class RunRecord:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path, self.data)
 
-    def finish(self, status: str, final_step: int | None, error: str | None = None) -> None:
+    def finish(self, status: RunStatus, final_step: int | None, error: str | None = None) -> None:
         if not self.enabled:
             return
-        self.data.update(status=status, final_step=final_step, ended_at=_now(),
+        self.data.update(status=status.value, final_step=final_step, ended_at=utc_now(),
                          exports=[e.step for e in list_exports(self.run_dir)])
         if error:
             self.data["error"] = error
         atomic_write_json(self.path, self.data)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _version(name: str) -> str | None:

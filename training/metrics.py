@@ -10,20 +10,19 @@ from rich.progress import TextColumn
 
 from embedlib.atomic import atomic_write_bytes
 from embedlib.progress import make_progress
+from embedlib.rundir import METRICS_JSONL, TENSORBOARD
 
-METRICS_FILENAME = "metrics.jsonl"
-EVAL_FILENAME = "eval.jsonl"
 
 
 class MetricsLog:
     """Appends one line per step to RUN/metrics.jsonl (or `filename`), flushed, so a killed run keeps
     what it logged."""
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int, filename: str = METRICS_FILENAME):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int, filename: str = METRICS_JSONL):
         self.path = Path(run_dir) / filename
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
+        self._tensorboard = _tensorboard_writer(Path(run_dir) / TENSORBOARD)
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -39,7 +38,7 @@ class MetricsLog:
             self._tensorboard.close()
 
 
-def read_metrics(run_dir: str | os.PathLike, filename: str = METRICS_FILENAME) -> list[dict]:
+def read_metrics(run_dir: str | os.PathLike, filename: str = METRICS_JSONL) -> list[dict]:
     path = Path(run_dir) / filename
     if not path.is_file():
         return []
