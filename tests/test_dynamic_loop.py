@@ -145,6 +145,9 @@ def test_trainer_and_sidecar_as_one_loop(scifact_dir, tiny_bert_dir, tmp_path, p
     processes.started[-1].wait(timeout=TIMEOUT)
     newest = NegativeStore(run).latest_version()
     _wait_for(lambda: read_metrics(run)[-1]["negatives_version"][TASK] == newest, "the newest version", trainer)
+    # A few steps with it, so that the checkpoint holds scores observed since the adoption reset them.
+    adopted_by = read_metrics(run)[-1]["step"]
+    _wait_for(lambda: read_metrics(run)[-1]["step"] >= adopted_by + 3, "steps with the newest version", trainer)
     trainer.send_signal(signal.SIGTERM)  # preemption: checkpoint the current step and exit
     trainer.wait(timeout=TIMEOUT)  # torchrun itself exits with 1 on SIGTERM; the record says what happened
     record = json.loads((run / "run.json").read_text())
