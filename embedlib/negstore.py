@@ -17,8 +17,8 @@ killed at any moment leaves only a temporary directory, which cleanup_tmp() remo
 Readers memory-map the .npy files (opening costs no RAM, a row is O(1)), check file sizes and shapes
 against the manifest on open and the sha256 checksums once per version per NegativeStore object, and
 fall back to the previous version, with a logged warning, when the newest one is damaged. Hashing
-a large version takes a while: a trainer calls open_latest(verify=True) (or verify_checksums()) from
-a background thread and hands the result to its training loop.
+a large version takes a while: the trainer (training/negatives_runtime.VersionFeed) opens each new
+version with open(version, verify=True) in a background thread, the starting one before step 1.
 
 Locks are fcntl.flock, so the run directory must be on a file system whose locks work across the
 processes (and machines) involved: local disks, NFSv4, GPFS, Lustre mounted with `-o flock` (not
@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import threading
-import time
 import uuid
 import weakref
 from contextlib import contextmanager
@@ -49,7 +48,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embedlib.atomic import atomic_write_json, fsync_dir, publish_dir
+from embedlib.atomic import atomic_write_json, publish_dir
 from embedlib.progress import progress_task
 from embedlib.rundir import NEGATIVES, TMP_PREFIX, TRASH_PREFIX, discard_dir, utc_now
 

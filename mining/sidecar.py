@@ -120,6 +120,7 @@ def run_sidecar(config: SidecarConfig) -> int:
                 break
             export, seen = choose_export(list_exports(run_dir), last_mined_step(store), seen, config.every)
             if export is not None:
+                log.info("mining with the export of step %d", export.step)
                 try:
                     mine(spec, export.path, run_dir, LocalComm(), model_step=export.step, mode="sidecar",
                          show_progress=config.show_progress, keep_versions=config.keep_versions)

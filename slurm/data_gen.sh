@@ -85,5 +85,5 @@ fi
 status=0
 python -m data_gen --corpus "$GEN_CORPUS" --output "$GEN_OUTPUT" --model "$LLM_MODEL" \
     --base-url "$LLM_BASE_URL" "$@" || status=$?
-log "data_gen exited with status $status (0 complete, 1 some items failed: submit again to retry, 2 stopped)"
+log "data_gen exited with status $status (0 complete, 1 some items failed: submit again to retry, 2 stopped early or bad input)"
 exit "$status"

@@ -17,7 +17,8 @@ The run directory (config `run_dir`):
                           BEIR split, {"step", "eval/ndcg@10", "eval/recall@100", "eval/mrr@10", ...}
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
                           each complete only once it holds complete.json (training/checkpoint.py);
-                          dynamic_negatives.safetensors in each holds the negatives state
+                          dynamic_negatives.safetensors in each holds the negatives state (when a
+                          data set reads the negative store)
     RUN/exports/          step_XXXXXXXX encoder directories (embedlib.exports): every
                           train.export_every steps and at the end; what the mining sidecar loads
     RUN/negatives/        the mining sidecar's negative store (embedlib.negstore), read here
