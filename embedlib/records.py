@@ -12,6 +12,10 @@ Every reader checks every record and stops at the first bad one with a RecordErr
 the line (for parquet, the 1-based row) and the field. Nothing is skipped except blank lines, and unknown
 keys are errors, so that a typo such as "negs" cannot silently drop data.
 
+Each list reader (read_corpus, read_pairs, ...) is built on a streaming iterator (iter_corpus,
+iter_pairs, ...) that holds one record at a time; embedlib/record_cache.py converts files into
+memory-mapped Arrow with the same per-record checks (parse_* below), so its errors are these errors.
+
 JSONL is read line by line here and parquet with pyarrow, rather than through datasets.load_dataset:
 load_dataset loses the line and row numbers the errors must name, and it writes an Arrow cache.
 """
@@ -108,6 +112,19 @@ def _file_kind(path: Path, allowed: Sequence[str]) -> str:
                       f"unsupported file type; expected {', '.join(expected[k] for k in allowed)}")
 
 
+def _decode_line(path: Path, line_no: int, raw: bytes, first_of_file: bool) -> str:
+    """One line's text without its line ending, strictly UTF-8 decoded (a byte-order mark on the file's
+    first line is not content)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(path, line_no, None,
+                          f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    if first_of_file and text.startswith("\ufeff"):
+        text = text[1:]
+    return text.rstrip("\r\n")
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without its line ending), strictly UTF-8 decoded; .gz transparently."""
     line_no = 0
@@ -115,16 +132,23 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
         try:
             # Splitting bytes on b"\n" is safe for UTF-8: no multi-byte sequence contains 0x0A.
             for line_no, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise RecordError(path, line_no, None,
-                                      f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
-                if line_no == 1 and text.startswith("\ufeff"):  # a byte-order mark is not content
-                    text = text[1:]
-                yield line_no, text.rstrip("\r\n")
+                yield line_no, _decode_line(path, line_no, raw, line_no == 1)
         except (OSError, EOFError, zlib.error) as e:  # damaged or truncated gzip
             raise RecordError(path, line_no + 1, None, f"cannot read: {e}") from e
+
+
+def iter_block_records(path: PathLike, block: bytes, first_line: int, at_file_start: bool
+                       ) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of the JSONL lines in `block`, a run of whole lines of `path` whose first
+    line is line `first_line` (at_file_start: the block starts the file). The same checks and skips as
+    iter_records: this is how embedlib.record_cache reads a byte range of a file."""
+    path = Path(path)
+    # The empty piece after the block's final newline is skipped like any blank line.
+    for offset, raw in enumerate(block.split(b"\n")):
+        line_no = first_line + offset
+        text = _decode_line(path, line_no, raw, at_file_start and offset == 0)
+        if text.strip():
+            yield line_no, _decode_record(path, line_no, text)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
@@ -161,6 +185,18 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 _decode_json = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys).decode
 
 
+def _decode_record(path: Path, line_no: int, text: str) -> dict:
+    try:
+        record = _decode_json(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(path, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except _DuplicateKey as e:
+        raise RecordError(path, line_no, str(e), "duplicate key") from None
+    if not isinstance(record, dict):
+        raise RecordError(path, line_no, None, f"expected a JSON object, got {_type_name(record)}")
+    return record
+
+
 def iter_records(path: PathLike) -> Iterator[tuple[int, dict]]:
     """(1-based line or parquet row number, record) for .jsonl, .jsonl.gz and .parquet; blank lines skipped."""
     path = Path(path)
@@ -170,15 +206,7 @@ def iter_records(path: PathLike) -> Iterator[tuple[int, dict]]:
     for line_no, text in _iter_lines(path):
         if not text.strip():
             continue
-        try:
-            record = _decode_json(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(path, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
-        except _DuplicateKey as e:
-            raise RecordError(path, line_no, str(e), "duplicate key") from None
-        if not isinstance(record, dict):
-            raise RecordError(path, line_no, None, f"expected a JSON object, got {_type_name(record)}")
-        yield line_no, record
+        yield line_no, _decode_record(path, line_no, text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,21 +290,35 @@ _CORPUS_KEYS = frozenset({"_id", "title", "text"} | _BEIR_EXTRA)
 _QUERY_KEYS = frozenset({"_id", "text"} | _BEIR_EXTRA)
 
 
+def parse_document(path: PathLike, line: int, data: dict) -> Document:
+    """One corpus record's checks (all but the duplicate id, which needs the records before it)."""
+    rec = _Fields(Path(path), line, data, _CORPUS_KEYS)
+    doc_id = rec.string("_id")
+    title = rec.string("title", required=False, allow_empty=True) or ""
+    return Document(doc_id, title, rec.string("text", allow_empty=True))
+
+
+def duplicate_id_error(path: PathLike, line: int, doc_id: str, first_line: int) -> RecordError:
+    return RecordError(path, line, "_id", f"duplicate id {doc_id!r}, first on line {first_line}")
+
+
+def iter_corpus(path: PathLike) -> Iterator[tuple[int, Document]]:
+    """(line, Document) of a BEIR corpus in file order, checked as read_corpus checks them."""
+    path = Path(path)
+    first_line: dict[str, int] = {}
+    for line, data in iter_records(path):
+        # The id is checked first, as a duplicate must be reported before the record's other fields.
+        doc_id = _Fields(path, line, data, _CORPUS_KEYS).string("_id")
+        if doc_id in first_line:
+            raise duplicate_id_error(path, line, doc_id, first_line[doc_id])
+        first_line[doc_id] = line
+        yield line, parse_document(path, line, data)
+
+
 def read_corpus(path: PathLike) -> list[Document]:
     """A BEIR corpus in file order. `_id` and `text` are required strings (text may be empty), `title`
     is an optional string; a duplicate id is an error naming both lines."""
-    path = Path(path)
-    docs: list[Document] = []
-    first_line: dict[str, int] = {}
-    for line, data in iter_records(path):
-        rec = _Fields(path, line, data, _CORPUS_KEYS)
-        doc_id = rec.string("_id")
-        if doc_id in first_line:
-            raise rec.error("_id", f"duplicate id {doc_id!r}, first on line {first_line[doc_id]}")
-        first_line[doc_id] = line
-        title = rec.string("title", required=False, allow_empty=True) or ""
-        docs.append(Document(doc_id, title, rec.string("text", allow_empty=True)))
-    return docs
+    return [doc for _, doc in iter_corpus(path)]
 
 
 def read_queries(path: PathLike) -> list[Query]:
@@ -343,9 +385,28 @@ _PAIR_KEYS = frozenset({"query", "pos", "neg", "query_id", "pos_ids", "neg_ids",
                         "prompt", "pos_scores", "neg_scores", "type"} | _GENERATED_KEYS)
 
 
-def _pair_texts(rec: _Fields, texts_name: str, ids_name: str, corpus: Mapping[str, Document] | None
-                ) -> tuple[list[str] | None, list[str] | None]:
-    """(texts, ids) of one side of a pair: texts from the record, or resolved from ids through the corpus."""
+class AnyId(Mapping):
+    """A stand-in corpus for parse_pair(..., resolve=False): every id counts as present, and no text is
+    looked up. embedlib.record_cache checks the ids against the corpus's id column afterwards, for a
+    whole block at once, and parses a record again with its real ids only to name an unknown one."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _pair_texts(rec: _Fields, texts_name: str, ids_name: str, corpus: Mapping[str, Document] | None,
+                resolve: bool) -> tuple[list[str] | None, list[str] | None, bool]:
+    """(texts, ids, from_ids) of one side of a pair: texts from the record, or resolved from ids through
+    the corpus (from_ids; with resolve=False the texts are then left None for the caller to look up)."""
     texts = rec.string_list(texts_name)
     ids = rec.string_list(ids_name)
     if ids is not None and corpus is not None:
@@ -355,27 +416,33 @@ def _pair_texts(rec: _Fields, texts_name: str, ids_name: str, corpus: Mapping[st
     if ids and not texts:
         if corpus is None:
             raise rec.error(texts_name, f"missing or empty, and '{ids_name}' can only be resolved with a corpus")
-        texts = [corpus[doc_id].passage for doc_id in ids]
-    elif ids is not None and len(ids) != len(texts or []):
+        return ([corpus[doc_id].passage for doc_id in ids] if resolve else None), ids, True
+    if ids is not None and len(ids) != len(texts or []):
         raise rec.error(ids_name, f"has {len(ids)} ids but '{texts_name}' has {len(texts or [])} texts")
-    return texts, ids
+    return texts, ids, False
 
 
-def _parse_pair(rec: _Fields, corpus: Mapping[str, Document] | None) -> PairRecord:
+def parse_pair(path: PathLike, line: int, data: dict, corpus: Mapping[str, Document] | None,
+               resolve: bool = True) -> tuple[PairRecord, bool, bool]:
+    """(record, pos_from_ids, neg_from_ids): one pair record's checks. With resolve=False, a side whose
+    texts come from the corpus (from_ids) is left None in the record."""
+    rec = _Fields(Path(path), line, data, _PAIR_KEYS)
     query = rec.string("query")
-    pos, pos_ids = _pair_texts(rec, "pos", "pos_ids", corpus)
-    if not pos:
+    pos, pos_ids, pos_from_ids = _pair_texts(rec, "pos", "pos_ids", corpus, resolve)
+    if not pos and not pos_from_ids:
         raise rec.error("pos", "required field is missing" if pos is None else "empty list: a pair needs a positive")
-    neg, neg_ids = _pair_texts(rec, "neg", "neg_ids", corpus)
-    neg = neg or []
-    for scores_name, texts in (("pos_scores", pos), ("neg_scores", neg)):
+    neg, neg_ids, neg_from_ids = _pair_texts(rec, "neg", "neg_ids", corpus, resolve)
+    if not neg_from_ids:
+        neg = neg or []
+    for scores_name, count in (("pos_scores", len(pos_ids) if pos_from_ids else len(pos)),
+                               ("neg_scores", len(neg_ids) if neg_from_ids else len(neg))):
         scores = rec.data.get(scores_name)
         if scores is None:
             continue
         if not isinstance(scores, list):
             raise rec.error(scores_name, f"expected a list of numbers, got {_type_name(scores)}")
-        if len(scores) != len(texts):
-            raise rec.error(scores_name, f"has {len(scores)} scores for {len(texts)} texts")
+        if len(scores) != count:
+            raise rec.error(scores_name, f"has {len(scores)} scores for {count} texts")
         for i, score in enumerate(scores):
             rec.number(f"{scores_name}[{i}]", score)
     rec.string("type", required=False)
@@ -384,11 +451,12 @@ def _parse_pair(rec: _Fields, corpus: Mapping[str, Document] | None) -> PairReco
     prompt = rec.string("prompt", required=False)
     if instruction is not None and prompt is not None:
         raise rec.error("prompt", "give 'instruction' or its alias 'prompt', not both")
-    return PairRecord(
+    record = PairRecord(
         query=query, pos=pos, neg=neg, query_id=rec.string("query_id", required=False),
         pos_ids=pos_ids, neg_ids=neg_ids, task=rec.string("task", required=False),
         instruction=instruction if instruction is not None else prompt, line=rec.line,
     )
+    return record, pos_from_ids, neg_from_ids
 
 
 def _check_generated_keys(rec: _Fields) -> None:
@@ -398,11 +466,17 @@ def _check_generated_keys(rec: _Fields) -> None:
         raise rec.error("provenance", f"expected an object, got {_type_name(provenance)}")
 
 
+def iter_pairs(path: PathLike, corpus: Mapping[str, Document] | None = None) -> Iterator[PairRecord]:
+    """Training pairs in file order, one at a time; see read_pairs."""
+    path = Path(path)
+    for line, data in iter_records(path):
+        yield parse_pair(path, line, data, corpus)[0]
+
+
 def read_pairs(path: PathLike, corpus: Mapping[str, Document] | None = None) -> list[PairRecord]:
     """Training pairs in file order. With `corpus` (id -> Document), every id in pos_ids/neg_ids must exist
     and missing pos/neg texts are filled from the corpus passages; without it ids are kept unchecked."""
-    path = Path(path)
-    return [_parse_pair(_Fields(path, line, data, _PAIR_KEYS), corpus) for line, data in iter_records(path)]
+    return list(iter_pairs(path, corpus))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,10 +495,9 @@ def _parse_score(path: Path, line: int, name: str, text: str, hint: str = "") ->
     return score
 
 
-def _read_scored_tsv(path: Path) -> list[ScoredPair]:
+def _iter_scored_tsv(path: Path) -> Iterator[tuple[int, ScoredPair]]:
     """With a header naming sentence1, sentence2 and score (or label) in any order, extra columns allowed;
     without one (detected by the first line's cells), the columns are sentence1, sentence2, score."""
-    pairs: list[ScoredPair] = []
     layout = None  # (width, sentence1 column, sentence2 column, score name, score column)
     for line, text in _iter_lines(path):
         if not text.strip(" "):
@@ -451,43 +524,65 @@ def _read_scored_tsv(path: Path) -> list[ScoredPair]:
             if not cells[col].strip():
                 raise RecordError(path, line, name, "empty")
         score = _parse_score(path, line, score_name, cells[score_col], hint)
-        pairs.append(ScoredPair(cells[s1_col], cells[s2_col], score))
-    return pairs
+        yield line, ScoredPair(cells[s1_col], cells[s2_col], score)
+
+
+def parse_scored_pair(path: PathLike, line: int, data: dict) -> ScoredPair:
+    """One {"sentence1", "sentence2", "score"} record's checks ("label" is accepted for "score")."""
+    rec = _Fields(Path(path), line, data, _SCORED_KEYS)
+    s1, s2 = rec.string("sentence1"), rec.string("sentence2")
+    if data.get("score") is not None and data.get("label") is not None:
+        raise rec.error("label", "give 'score' or its alias 'label', not both")
+    name = "label" if data.get("label") is not None else "score"
+    _check_generated_keys(rec)
+    return ScoredPair(s1, s2, rec.number(name, rec.get(name, required=True)))
+
+
+def is_tsv(path: PathLike) -> bool:
+    """Whether a scored-pairs file is tab-separated (.tsv, .tsv.gz) rather than records; raises
+    RecordError for a type no reader takes."""
+    return _file_kind(Path(path), ("tsv", "jsonl", "parquet")) == "tsv"
+
+
+def iter_scored_pairs(path: PathLike) -> Iterator[tuple[int, ScoredPair]]:
+    """(line, ScoredPair) one at a time; see read_scored_pairs."""
+    path = Path(path)
+    if is_tsv(path):
+        yield from _iter_scored_tsv(path)
+        return
+    for line, data in iter_records(path):
+        yield line, parse_scored_pair(path, line, data)
 
 
 def read_scored_pairs(path: PathLike) -> list[ScoredPair]:
-    """Sentence pairs with a similarity score or 0/1 label, as floats: .tsv (see _read_scored_tsv), or
+    """Sentence pairs with a similarity score or 0/1 label, as floats: .tsv (see _iter_scored_tsv), or
     .jsonl/.parquet records {"sentence1", "sentence2", "score"} ("label" is accepted for "score")."""
-    path = Path(path)
-    if _file_kind(path, ("tsv", "jsonl", "parquet")) == "tsv":
-        return _read_scored_tsv(path)
-    pairs = []
-    for line, data in iter_records(path):
-        rec = _Fields(path, line, data, _SCORED_KEYS)
-        s1, s2 = rec.string("sentence1"), rec.string("sentence2")
-        if data.get("score") is not None and data.get("label") is not None:
-            raise rec.error("label", "give 'score' or its alias 'label', not both")
-        name = "label" if data.get("label") is not None else "score"
-        _check_generated_keys(rec)
-        pairs.append(ScoredPair(s1, s2, rec.number(name, rec.get(name, required=True))))
-    return pairs
+    return [pair for _, pair in iter_scored_pairs(path)]
 
 
 _LABELED_KEYS = frozenset({"text", "label"})
 
 
+def parse_labeled_text(path: PathLike, line: int, data: dict) -> LabeledText:
+    """One {"text", "label"} record's checks; an integer label is kept as a string."""
+    rec = _Fields(Path(path), line, data, _LABELED_KEYS)
+    text = rec.string("text")
+    label = rec.get("label", required=True)
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    return LabeledText(text, rec.check_str("label", label, allow_empty=False))
+
+
+def iter_labeled_texts(path: PathLike) -> Iterator[tuple[int, LabeledText]]:
+    """(line, LabeledText) one at a time; see read_labeled_texts."""
+    path = Path(path)
+    for line, data in iter_records(path):
+        yield line, parse_labeled_text(path, line, data)
+
+
 def read_labeled_texts(path: PathLike) -> list[LabeledText]:
     """{"text", "label"} records; a label is a non-empty string or an integer, kept as a string."""
-    path = Path(path)
-    texts = []
-    for line, data in iter_records(path):
-        rec = _Fields(path, line, data, _LABELED_KEYS)
-        text = rec.string("text")
-        label = rec.get("label", required=True)
-        if isinstance(label, int) and not isinstance(label, bool):
-            label = str(label)
-        texts.append(LabeledText(text, rec.check_str("label", label, allow_empty=False)))
-    return texts
+    return [text for _, text in iter_labeled_texts(path)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -487,3 +487,36 @@ def test_generated_records_carry_key_and_provenance(tmp_path):
     pairs.write_text(json.dumps({"query": "q", "pos": ["p"], "provenance": "gpt"}) + "\n")
     with pytest.raises(RecordError, match=r"pairs.jsonl:1: field 'provenance'"):
         read_pairs(pairs)
+
+
+def test_streaming_iterators_hold_one_record_at_a_time(tmp_path):
+    """The list readers are built on iterators that yield each record as it is read and checked: the
+    records before a bad line come out before its error (the data cache converts files this way)."""
+    from embedlib.records import iter_corpus, iter_labeled_texts, iter_pairs, iter_scored_pairs
+
+    cases = [
+        (iter_pairs, [{"query": "q1", "pos": ["p"]}, {"query": "q2", "pos": ["p"]}, {"query": "", "pos": ["p"]}], "query"),
+        (iter_corpus, [{"_id": "a", "text": "t"}, {"_id": "b", "text": "t"}, {"_id": "a", "text": "t"}], "_id"),
+        (iter_scored_pairs, [{"sentence1": "a", "sentence2": "b", "score": 1}] * 2
+         + [{"sentence1": "a", "sentence2": "b", "score": "x"}], "score"),
+        (iter_labeled_texts, [{"text": "a", "label": "x"}] * 2 + [{"text": "a"}], "label"),
+    ]
+    for reader, records, field in cases:
+        path = write_records(tmp_path / f"{reader.__name__}.jsonl", records)
+        stream = reader(path)
+        assert next(stream) is not None and next(stream) is not None
+        with raises_at(path, 3, field, ""):
+            next(stream)
+
+
+def test_parse_pair_can_leave_corpus_texts_to_the_caller():
+    """resolve=False (the data cache): ids count as present for AnyId, sides from ids stay None."""
+    from embedlib.records import AnyId, parse_pair
+
+    record, pos_from_ids, neg_from_ids = parse_pair("p.jsonl", 4, {"query": "q", "pos_ids": ["d1"], "neg": ["n"]},
+                                                    AnyId(), resolve=False)
+    assert (record.pos, record.pos_ids, record.neg, pos_from_ids, neg_from_ids) == (None, ["d1"], ["n"], True, False)
+    with raises_at(Path("p.jsonl"), 4, "pos_ids[0]", "unknown id 'd1'"):
+        parse_pair("p.jsonl", 4, {"query": "q", "pos_ids": ["d1"]}, {}, resolve=False)
+    with raises_at(Path("p.jsonl"), 4, "pos", "can only be resolved with a corpus"):
+        parse_pair("p.jsonl", 4, {"query": "q", "pos_ids": ["d1"]}, None, resolve=False)

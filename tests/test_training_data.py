@@ -3,6 +3,8 @@ workers, every row once per epoch) and where hard negatives come from (store win
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +171,152 @@ def test_classification_positive_shares_the_label(tmp_path):
         label = int(query[1:]) % 2
         assert positive != query and int(positive[1:]) % 2 == label
         assert len(negatives) == 3 and all(int(n[1:]) % 2 != label for n in negatives)
+
+
+# --- the data cache: the same tasks, batches and fingerprints as the in-memory lists ---------------------
+
+
+def _multi_task_config(tmp_path, run_dir: Path, data_cache: str):
+    """The quickstart recipe's SciFact pairs (store negatives once a version is published), pairs with
+    `neg` texts, STS and classification: every kind of task, on 4 ranks so that each trains every step."""
+    scifact = REPO / "data" / "scifact"
+    corpus = read_corpus(scifact / "corpus.jsonl.gz")
+    with_neg = tmp_path / "with_neg.jsonl"
+    if not with_neg.exists():
+        _write_jsonl(with_neg, [{"query": f"claim {i}", "pos": [corpus[i].passage],
+                                 "neg": [corpus[i + j].passage for j in range(1, 1 + i % 4)] or [corpus[-1].passage]}
+                                for i in range(40)])
+        (tmp_path / "sts.tsv").write_text("score\tsentence1\tsentence2\n" + "".join(
+            f"{i % 5}\t{corpus[i].title}\t{corpus[i + 1].title}\n" for i in range(30)))
+        _write_jsonl(tmp_path / "labels.jsonl", [{"text": corpus[i].text[:200], "label": ["x", 7, "y"][i % 3]}
+                                                 for i in range(30)])
+    return load_config(QUICKSTART, [
+        f"run_dir={run_dir}", f"train.data_cache={data_cache}", "seed=3", "data.0.batch_size=4",
+        f"data.1={{name: neg_texts, kind: retrieval, path: {with_neg}, batch_size: 3, num_negatives: 2, "
+        f"instruction: 'I: '}}",
+        f"data.2={{name: sts, kind: sts, path: {tmp_path / 'sts.tsv'}, batch_size: 5}}",
+        f"data.3={{name: cls, kind: classification, path: {tmp_path / 'labels.jsonl'}, batch_size: 4, "
+        "num_negatives: 2, limit: 25}"])
+
+
+def _publish_scifact_store(run_dir: Path) -> None:
+    """A store version for the quickstart pairs: 40 pseudo-random candidates per query."""
+    from embedlib.records import read_pairs
+
+    scifact = REPO / "data" / "scifact"
+    corpus = read_corpus(scifact / "corpus.jsonl.gz")
+    pairs = read_pairs(scifact / "pairs.train.jsonl.gz", {d.id: d for d in corpus})
+    rng = np.random.default_rng(0)
+    candidates = rng.integers(0, len(corpus), size=(len(pairs), 40)).astype(np.int32)
+    scores = np.sort(rng.random((len(pairs), 40)).astype(np.float32))[:, ::-1].copy()
+    NegativeStore(run_dir).publish(candidates, scores, corpus_fingerprint=corpus_fingerprint(corpus),
+                                   queries_fingerprint=queries_fingerprint([p.query for p in pairs]),
+                                   model_path="m", model_step=0)
+
+
+def test_cached_tasks_give_the_batches_of_the_in_memory_lists(tmp_path, tiny_bert_dir):
+    """Tasks over the data cache against the reference loader (train.data_cache=null), on the quickstart
+    data: every example of every row, then 6 steps of tokenized batches on each of 4 ranks, store
+    negatives from a published version included."""
+    from transformers import AutoTokenizer
+
+    from training.data import StepDataset
+
+    run_dir = tmp_path / "run"
+    _publish_scifact_store(run_dir)
+    reference = load_tasks(_multi_task_config(tmp_path, run_dir, "null"))
+    config = _multi_task_config(tmp_path, run_dir, "auto")
+    cached = load_tasks(config)
+    assert (run_dir / "data_cache").is_dir()
+    assert [t.fingerprint for t in cached] == [t.fingerprint for t in reference]
+    assert [len(t) for t in cached] == [len(t) for t in reference] == [607, 40, 30, 25]
+    assert cached[0].store == reference[0].store and cached[0].store is not None
+    assert (cached[0].num_negatives, cached[1].num_negatives) == (reference[0].num_negatives, 2)
+    for ref, task in zip(reference, cached):
+        for row in range(len(ref)):
+            if ref.kind == "sts":
+                assert (task.first[row], task.second[row], task.scores[row]) == \
+                       (ref.first[row], ref.second[row], ref.scores[row])
+            else:
+                assert task.example(row, 1, 5) == ref.example(row, 1, 5)
+    runtimes = []
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    steps = []
+    for tasks in (reference, cached):
+        runtime = NegativesRuntime(run_dir, tasks, config.negatives, lookahead=0)
+        runtime.start(0, None)
+        runtimes.append(runtime)
+        assert runtime.states["scifact"].version == 1
+        dataset = StepDataset(tasks, tokenizer, 32, config.seed)
+        per_rank = []
+        for rank in range(4):
+            sampler = StepSampler(tasks, {d.name: d.weight for d in config.data}, 4, rank, config.seed,
+                                  config.train.schedule_mode, 0, SamplerState.initial(tasks), runtime)
+            plans = iter(sampler)
+            per_rank.append([dataset[next(plans)] for _ in range(6)])
+        steps.append(per_rank)
+    for ref_rank, rank in zip(*steps):
+        for a, b in zip(ref_rank, rank):
+            assert type(a) is type(b) and (a.step, a.task, a.cursors_after) == (b.step, b.task, b.cursors_after)
+            for key in ("query", "passages", "first", "second"):
+                if hasattr(a, key):
+                    assert all(torch.equal(getattr(a, key)[k], getattr(b, key)[k]) for k in getattr(a, key))
+            if isinstance(a, RetrievalBatch):
+                assert a.negatives == b.negatives and a.rows == b.rows
+    assert any(b.negatives is not None for rank in steps[1] for b in rank if isinstance(b, RetrievalBatch))
+    for runtime in runtimes:
+        runtime.close()
+
+
+def test_the_permutation_is_drawn_once_per_epoch(two_task_config):
+    tasks = load_tasks(two_task_config)
+    sampler = StepSampler(tasks, {"scifact": 1.0, "sts": 1.0}, 2, 0, 7, "balanced", 0, SamplerState.initial(tasks))
+    for epoch in (0, 1, 0):
+        first = sampler._permutation(1, epoch)
+        assert first.dtype == np.int32
+        assert np.array_equal(first, np.random.default_rng([7, 1, epoch]).permutation(13))
+        assert sampler._permutation(1, epoch) is first  # not drawn again within the epoch
+
+
+def test_a_resume_on_changed_data_is_refused(two_task_config, tmp_path):
+    """The checkpoint holds each data set's fingerprint: other records (or another row count) are an
+    error naming the data set; the same records under a new mtime or a rebuilt cache are not."""
+    from training.config import ConfigError
+
+    config = two_task_config
+    tasks = load_tasks(config)
+    saved = SamplerState.initial(tasks).to_dict()
+    shutil.rmtree(Path(config.run_dir) / "data_cache")
+    pairs = Path(config.data[0].path)
+    os.utime(pairs, ns=(5, 5))
+    assert SamplerState.from_dict(saved, load_tasks(config)).fingerprints == saved["data_fingerprints"]
+    pairs.write_text(pairs.read_text().replace('"q3"', '"q3 changed"'))
+    with pytest.raises(ConfigError, match=r"data set 'scifact' \(data.0\) is not the data the checkpoint"):
+        SamplerState.from_dict(saved, load_tasks(config))
+    config.data[1].limit = 12
+    with pytest.raises(ConfigError, match=r"data set 'sts' \(data.1\)"):
+        SamplerState.from_dict({**saved, "data_fingerprints": [load_tasks(config)[0].fingerprint,
+                                                               saved["data_fingerprints"][1]]}, load_tasks(config))
+
+
+def test_ranks_that_read_different_data_stop(two_task_config, monkeypatch):
+    """A file rewritten between two ranks' starts gives them different fingerprints: the first collective
+    after torch.distributed starts compares them and stops with one line instead of mixing the data."""
+    import torch.distributed as dist
+
+    from training.config import ConfigError
+    from training.data import check_same_data
+
+    tasks = load_tasks(two_task_config)
+    others = [t.fingerprint for t in tasks]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def gather(out, mine):
+        out[0], out[1] = mine, others
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    check_same_data(tasks)  # the same data everywhere: nothing to say
+    others[1] = "another version of sts.tsv"
+    with pytest.raises(ConfigError, match=r"data set 'sts' \(data.1\) differs between ranks"):
+        check_same_data(tasks)

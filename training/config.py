@@ -104,6 +104,11 @@ class TrainConfig:
     schedule_mode: Literal["balanced", "random_task"] = "balanced"
     # DataLoader worker processes that read and tokenize; 0 does it in the training process.
     num_workers: int = 2
+    # Where every data file is converted once into memory-mapped Arrow (embedlib/record_cache.py), so
+    # that a rank's memory does not grow with the data and later starts, resumes and all ranks reuse
+    # one conversion: "auto" is RUN/data_cache; a directory (on storage every node sees) lets runs
+    # share conversions; null reads every file into memory on every rank instead (small data only).
+    data_cache: str | None = "auto"
     # Checkpoint every `save_every` steps (0: only at the end and on SIGTERM/SIGUSR1), keep the newest.
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -386,6 +391,8 @@ def validate(config: Config, source: str) -> None:
         require(getattr(t, key) >= 0, f"train.{key}", "must not be negative")
     for key in ("keep_checkpoints", "keep_exports"):
         require(getattr(t, key) >= 1, f"train.{key}", "must be at least 1")
+    require(t.data_cache is None or (bool(t.data_cache) and not Path(t.data_cache).is_file()),
+            "train.data_cache", "must be auto, a directory or null")
 
     n = config.negatives
     require(n.check_interval >= 1, "negatives.check_interval", "must be at least 1")

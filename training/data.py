@@ -26,12 +26,24 @@ lack `neg` must then have a corpus).
 The DataLoader runs with batch_size=None: the sampler yields one BatchPlan per step, and the worker
 turns it into a RetrievalBatch or STSBatch of tensors (reading texts, negatives from the
 memory-mapped store, tokenizing).
+
+Where the records live (train.data_cache): by default every data file is converted once into
+memory-mapped Arrow files (embedlib/record_cache.py, RUN/data_cache), and a task's fields (queries,
+positives, passages, ...) are read-only sequence views over them: a row's texts are read when a batch
+needs them, so a rank's memory does not grow with the data, and the task code below is the same for
+both sources. `train.data_cache=null` reads every file into Python lists on every rank instead (the
+reference the views are tested against). Each task carries its data's content fingerprint; the
+sampler state, and so every checkpoint, records them, and a resume on other data is an error.
 """
 from __future__ import annotations
 
 import copy
+import glob
+import hashlib
+import json
 import signal
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Protocol
@@ -41,6 +53,7 @@ import torch
 
 from embedlib.encoder import tokenize
 from embedlib.negstore import NegativeStore, NegativeVersion
+from embedlib.record_cache import CachedTable, CorpusTable, RecordCache, resolve_shards, source_fingerprint
 from embedlib.records import (
     RecordError,
     corpus_fingerprint,
@@ -83,14 +96,16 @@ class RetrievalTask:
     name: str
     batch_size: int
     num_negatives: int  # m per query without a store version: the `neg` texts, or 0 (in-batch only)
-    queries: list[str]  # instruction prefix applied
-    positives: list[list[str]]
-    negatives: list[list[str]]  # the pairs file's `neg` texts
-    positive_rows: list[list[int]]  # corpus rows of the positives (to keep them out of store negatives)
-    passages: list[str] | None  # corpus passages in file order, for store ids and top-ups
+    # Lists (train.data_cache=null) or views over the data cache, indexed by row alike:
+    queries: Sequence[str]  # instruction prefix applied
+    positives: Sequence[list[str]]
+    negatives: Sequence[list[str]]  # the pairs file's `neg` texts
+    positive_rows: Sequence[list[int]]  # corpus rows of the positives (to keep them out of store negatives)
+    passages: Sequence[str] | None  # corpus passages in file order, for store ids and top-ups
     store: StoreSource | None = None
     kind: str = "retrieval"
     loss_kind: ClassVar[str] = "retrieval"
+    fingerprint: str = ""  # the content of its data (see data_fingerprint)
     _opened: NegativeVersion | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -156,12 +171,13 @@ class ClassificationTask:
     name: str
     batch_size: int
     num_negatives: int
-    texts: list[str]
-    queries: list[str]  # texts with the instruction prefix
-    labels: list[str]
-    rows_of_label: dict[str, list[int]]
+    texts: Sequence[str]
+    queries: Sequence[str]  # texts with the instruction prefix
+    labels: Sequence  # label strings, or over the cache label numbers (they compare alike)
+    rows_of_label: dict  # label -> its rows, ascending
     kind: str = "classification"
     loss_kind: ClassVar[str] = "retrieval"
+    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -184,11 +200,12 @@ class ClassificationTask:
 class STSTask:
     name: str
     batch_size: int
-    first: list[str]
-    second: list[str]
-    scores: list[float]
+    first: Sequence[str]
+    second: Sequence[str]
+    scores: Sequence[float]
     kind: str = "sts"
     loss_kind: ClassVar[str] = "sts"
+    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -198,21 +215,59 @@ Task = RetrievalTask | ClassificationTask | STSTask
 
 
 def load_tasks(config: Config) -> list[Task]:
-    """Read and check every data file fully (RecordError names file, line and field) and build the tasks."""
-    return [_load_task(d, i, config) for i, d in enumerate(config.data)]
+    """Check every data file fully (RecordError names file, line and field) and build the tasks: over the
+    data cache (train.data_cache, converted first where needed), or read into memory when it is off."""
+    cache = data_cache(config)
+    tasks = []
+    for i, d in enumerate(config.data):
+        tasks.append(_load_task(d, i, config) if cache is None else _load_cached_task(d, i, config, cache))
+    return tasks
+
+
+def data_cache(config: Config) -> RecordCache | None:
+    """The record cache of train.data_cache: "auto" is RUN/data_cache; null: none (lists in memory)."""
+    where = config.train.data_cache
+    if where is None:
+        return None
+    return RecordCache(Path(config.run_dir) / "data_cache" if where == "auto" else Path(where))
+
+
+def data_fingerprint(task: Task, content: str) -> str:
+    """What a checkpoint records of a task's data: its kind, its rows (a limit counts) and the content
+    fingerprint of its files (embedlib.record_cache's: the same with and without the cache)."""
+    return hashlib.sha256(json.dumps([task.kind, len(task), content]).encode()).hexdigest()
+
+
+def _check_paths(d: DatasetConfig, index: int, cached: bool) -> None:
+    for key, spec in (("path", d.path), ("corpus", d.corpus)):
+        if spec is None:
+            continue
+        if not cached:
+            if not Path(spec).exists():
+                raise ConfigError(f"data.{index}.{key}: {spec} does not exist")
+            if not Path(spec).is_file():
+                raise ConfigError(f"data.{index}.{key}: {spec} is not a file; a directory or pattern of shards "
+                                  "needs the data cache (train.data_cache)")
+            continue
+        if not Path(spec).exists() and not glob.has_magic(spec):
+            raise ConfigError(f"data.{index}.{key}: {spec} does not exist")
+        try:
+            resolve_shards(spec)
+        except RecordError as error:
+            raise ConfigError(f"data.{index}.{key}: {error}") from None
 
 
 def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
-    if not Path(d.path).exists():
-        raise ConfigError(f"data.{index}.path: {d.path} does not exist")
-    if d.corpus is not None and not Path(d.corpus).exists():
-        raise ConfigError(f"data.{index}.corpus: {d.corpus} does not exist")
+    """The reference loader: every record in Python lists, on every rank."""
+    _check_paths(d, index, cached=False)
 
     if d.kind == "sts":
         pairs = read_scored_pairs(d.path)[: d.limit]
         _require_rows(pairs, d, 2)
-        return STSTask(d.name, d.batch_size, [p.sentence1 for p in pairs], [p.sentence2 for p in pairs],
+        task = STSTask(d.name, d.batch_size, [p.sentence1 for p in pairs], [p.sentence2 for p in pairs],
                        [p.score for p in pairs])
+        task.fingerprint = data_fingerprint(task, source_fingerprint("scored", d.path))
+        return task
 
     if d.kind == "classification":
         records = read_labeled_texts(d.path)[: d.limit]
@@ -226,9 +281,11 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
                                                      "needs at least two per label (one is the positive)")
         if d.num_negatives and len(rows_of_label) < 2:
             raise RecordError(d.path, None, "label", "only one label: no texts to draw negatives from")
-        return ClassificationTask(d.name, d.batch_size, d.num_negatives, [r.text for r in records],
+        task = ClassificationTask(d.name, d.batch_size, d.num_negatives, [r.text for r in records],
                                   [_with_instruction(d.instruction, r.text) for r in records],
                                   [r.label for r in records], dict(rows_of_label))
+        task.fingerprint = data_fingerprint(task, source_fingerprint("labeled", d.path))
+        return task
 
     docs = read_corpus(d.corpus) if d.corpus else None
     if docs is not None and not docs:
@@ -245,16 +302,216 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
             raise RecordError(d.path, missing.line, "neg", f"empty, while other records have negatives; give "
                                                            f"every record negatives or set data.{index}.corpus")
     uses_store = bool(docs) and d.num_negatives > 0
-    return RetrievalTask(
+    corpus_fp = corpus_fingerprint(docs) if docs else None
+    task = RetrievalTask(
         name=d.name, batch_size=d.batch_size, num_negatives=m,
         queries=[_with_instruction(p.instruction or d.instruction, p.query) for p in pairs],
         positives=[p.pos for p in pairs], negatives=[p.neg for p in pairs],
         positive_rows=[[row_of_id[i] for i in (p.pos_ids or []) if i in row_of_id] for p in pairs],
         passages=[doc.passage for doc in docs] if docs else None,
         # The store's rows are the whole pairs file's queries (limit or not), its ids the corpus rows.
-        store=StoreSource(config.run_dir, (queries_fingerprint([p.query for p in all_pairs]), corpus_fingerprint(docs)),
+        store=StoreSource(config.run_dir, (queries_fingerprint([p.query for p in all_pairs]), corpus_fp),
                           config.negatives.rule, d.num_negatives, d.neg_offset) if uses_store else None,
     )
+    task.fingerprint = data_fingerprint(task, source_fingerprint("pairs", d.path, corpus_fp))
+    return task
+
+
+def _load_cached_task(d: DatasetConfig, index: int, config: Config, cache: RecordCache) -> Task:
+    """The same task as _load_task, its fields views over the data cache (same checks, same errors)."""
+    _check_paths(d, index, cached=True)
+    n = None  # rows used: the first `limit` (every record is checked all the same)
+
+    if d.kind == "sts":
+        table = cache.scored_pairs(d.path)
+        n = min(len(table), d.limit or len(table))
+        _require_count(n, d, 2)
+        task = STSTask(d.name, d.batch_size, _Column(table, "sentence1", n), _Column(table, "sentence2", n),
+                       _Column(table, "score", n))
+        task.fingerprint = data_fingerprint(task, table.fingerprint)
+        return task
+
+    if d.kind == "classification":
+        table = cache.labeled_texts(d.path)
+        n = min(len(table), d.limit or len(table))
+        _require_count(n, d, 2)
+        rows_of_label = _RowsOfLabel(table, n)
+        lonely = rows_of_label.first_lonely()
+        if lonely is not None:
+            raise RecordError(d.path, None, "label", f"label {lonely!r} has one text; classification "
+                                                     "needs at least two per label (one is the positive)")
+        if d.num_negatives and rows_of_label.num_labels < 2:
+            raise RecordError(d.path, None, "label", "only one label: no texts to draw negatives from")
+        task = ClassificationTask(d.name, d.batch_size, d.num_negatives, _Column(table, "text", n),
+                                  _Column(table, "text", n, prefix=d.instruction), _LabelCodes(table, n), rows_of_label)
+        task.fingerprint = data_fingerprint(task, table.fingerprint)
+        return task
+
+    corpus = None
+    if d.corpus:
+        if all(p.stat().st_size == 0 for p in resolve_shards(d.corpus)):  # before anything is written
+            raise RecordError(d.corpus, None, None, f"holds no passages; data.{index}.corpus must be a non-empty "
+                                                    "corpus (or leave it out)")
+        corpus = cache.corpus(d.corpus)
+        if len(corpus) == 0:
+            raise RecordError(d.corpus, None, None, f"holds no passages; data.{index}.corpus must be a non-empty "
+                                                    "corpus (or leave it out)")
+    table = cache.pairs(d.path, corpus)
+    n = min(len(table), d.limit or len(table))
+    _require_count(n, d, 1)
+    stats = table.manifest["stats"]
+    has_neg = stats["first_row_with_neg"] is not None and stats["first_row_with_neg"] < n
+    m = d.num_negatives if has_neg else 0
+    if m and corpus is None:
+        missing = stats["first_row_without_neg"]
+        if missing is not None and missing < n:
+            path, line = table.where(missing)
+            raise RecordError(path, line, "neg", f"empty, while other records have negatives; give "
+                                                 f"every record negatives or set data.{index}.corpus")
+    uses_store = corpus is not None and d.num_negatives > 0
+    task = RetrievalTask(
+        name=d.name, batch_size=d.batch_size, num_negatives=m,
+        queries=_Queries(table, n, d.instruction),
+        positives=_Texts(table, "pos", corpus, n), negatives=_Texts(table, "neg", corpus, n),
+        positive_rows=_PositiveRows(table, n, corpus is not None),
+        passages=_Passages(corpus) if corpus is not None else None,
+        store=StoreSource(config.run_dir, (table.manifest["queries_fingerprint"], corpus.corpus_fingerprint),
+                          config.negatives.rule, d.num_negatives, d.neg_offset) if uses_store else None,
+    )
+    task.fingerprint = data_fingerprint(task, table.fingerprint)
+    return task
+
+
+def check_same_data(tasks: list[Task]) -> None:
+    """Every rank, once torch.distributed is up: all ranks must train on the same data. A file that
+    changed between one rank's start and another's would otherwise mix old and new records."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = [t.fingerprint for t in tasks]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for i, task in enumerate(tasks):
+        seen = {fingerprints[i] for fingerprints in everyone}
+        if len(seen) > 1:
+            raise ConfigError(f"data set {task.name!r} (data.{i}) differs between ranks: its files changed while the "
+                              "ranks started; start again once they are complete")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task fields over the data cache: read-only sequences, a row's values read when a batch needs them
+
+
+class _Column(Sequence):
+    """Rows [0, n) of one column (optionally with an instruction prefix)."""
+
+    def __init__(self, table: CachedTable, name: str, n: int, prefix: str | None = None):
+        self.table, self.name, self.n, self.prefix = table, name, n, prefix
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _row(self, row) -> int:
+        row = int(row)
+        if row < 0:
+            row += self.n
+        if not 0 <= row < self.n:
+            raise IndexError(row)
+        return row
+
+    def __getitem__(self, row):
+        value = self.table.value(self.name, self._row(row))
+        return _with_instruction(self.prefix, value) if self.prefix is not None else value
+
+
+class _Queries(_Column):
+    """A pair's query with its own instruction, else the data set's."""
+
+    def __init__(self, table: CachedTable, n: int, instruction: str | None):
+        super().__init__(table, "query", n)
+        self.instruction = instruction
+
+    def __getitem__(self, row):
+        row = self._row(row)
+        return _with_instruction(self.table.value("instruction", row) or self.instruction,
+                                 self.table.value("query", row))
+
+
+class _Texts(_Column):
+    """A side of a pair as PairRecord.pos/neg holds it: its own texts, else its ids' corpus passages."""
+
+    def __init__(self, table: CachedTable, side: str, corpus: CorpusTable | None, n: int):
+        super().__init__(table, side, n)
+        self.corpus = corpus
+
+    def __getitem__(self, row):
+        row = self._row(row)
+        texts = self.table.value(self.name, row)
+        if texts:
+            return texts
+        if self.corpus is not None and self.table.value(f"{self.name}_ids", row):
+            return [self.corpus.passage(r) for r in self.table.value(f"{self.name}_rows", row)]
+        return texts or []
+
+
+class _PositiveRows(_Column):
+    """The corpus rows of a pair's pos_ids (none without a corpus)."""
+
+    def __init__(self, table: CachedTable, n: int, has_corpus: bool):
+        super().__init__(table, "pos_rows", n)
+        self.has_corpus = has_corpus
+
+    def __getitem__(self, row):
+        row = self._row(row)
+        return (self.table.value("pos_rows", row) or []) if self.has_corpus else []
+
+
+class _Passages(Sequence):
+    """Every corpus passage, by row."""
+
+    def __init__(self, corpus: CorpusTable):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, row):
+        return self.corpus.passage(int(row))
+
+
+class _LabelCodes(_Column):
+    """A labelled text's label as a number (labels numbered by first appearance): compares as the
+    label strings do, and indexes _RowsOfLabel."""
+
+    def __init__(self, table: CachedTable, n: int):
+        super().__init__(table, "label", n)
+        self.codes = table.arrays["label_codes"]
+
+    def __getitem__(self, row):
+        return int(self.codes[self._row(row)])
+
+
+class _RowsOfLabel:
+    """label code -> its rows below n, ascending (ClassificationTask.rows_of_label), from the cache's
+    label index: numpy slices of a memory-mapped array, no per-row Python objects."""
+
+    def __init__(self, table: CachedTable, n: int):
+        self.table, self.n = table, n
+        self.order, self.starts = table.arrays["label_order"], table.arrays["label_starts"]
+        self.counts = np.bincount(np.asarray(table.arrays["label_codes"][:n]), minlength=len(self.starts) - 1)
+        self.num_labels = int((self.counts > 0).sum())
+
+    def __getitem__(self, code: int) -> np.ndarray:
+        rows = self.order[self.starts[code]: self.starts[code + 1]]
+        return rows[: int(np.searchsorted(rows, self.n))]
+
+    def first_lonely(self) -> str | None:
+        """The first label (in order of first appearance) with exactly one text below n."""
+        lonely = np.flatnonzero(self.counts == 1)
+        if not len(lonely):
+            return None
+        return self.table.value("label", int(self.order[self.starts[lonely[0]]]))
 
 
 def _with_instruction(instruction: str | None, text: str) -> str:
@@ -262,8 +519,12 @@ def _with_instruction(instruction: str | None, text: str) -> str:
 
 
 def _require_rows(rows: list, d: DatasetConfig, minimum: int) -> None:
-    if len(rows) < minimum:
-        raise RecordError(d.path, None, None, f"has {len(rows)} usable records; task {d.name!r} needs {minimum}")
+    _require_count(len(rows), d, minimum)
+
+
+def _require_count(count: int, d: DatasetConfig, minimum: int) -> None:
+    if count < minimum:
+        raise RecordError(d.path, None, None, f"has {count} usable records; task {d.name!r} needs {minimum}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,23 +533,31 @@ def _require_rows(rows: list, d: DatasetConfig, minimum: int) -> None:
 
 @dataclass
 class SamplerState:
-    """Where every data set's stream stands: per data set [epoch, position in that epoch's permutation]."""
+    """Where every data set's stream stands: per data set [epoch, position in that epoch's permutation];
+    and the data it streams (each task's data fingerprint), so that a resume on other data is refused."""
 
     cursors: list[list[int]]
+    fingerprints: list[str] | None = None
 
     @classmethod
     def initial(cls, tasks: list[Task]) -> SamplerState:
-        return cls(cursors=[[0, 0] for _ in tasks])
+        return cls(cursors=[[0, 0] for _ in tasks], fingerprints=[t.fingerprint for t in tasks])
 
     def to_dict(self) -> dict:
-        return {"cursors": self.cursors}
+        return {"cursors": self.cursors, "data_fingerprints": self.fingerprints}
 
     @classmethod
     def from_dict(cls, data: dict, tasks: list[Task]) -> SamplerState:
-        state = cls(cursors=[list(c) for c in data["cursors"]])
+        state = cls(cursors=[list(c) for c in data["cursors"]], fingerprints=[t.fingerprint for t in tasks])
         if len(state.cursors) != len(tasks):
             raise ConfigError("the checkpoint's data state does not fit the configured data sets "
                               "(data sets were added or removed since it was written)")
+        saved = data.get("data_fingerprints")  # absent in checkpoints written before it was recorded
+        for i, task in enumerate(tasks):
+            if saved is not None and saved[i] != task.fingerprint:
+                raise ConfigError(f"data set {task.name!r} (data.{i}) is not the data the checkpoint was trained on: "
+                                  "its records or its row count changed since; resume with that data, or start "
+                                  "a new run_dir")
         return state
 
 
@@ -335,9 +604,17 @@ class StepSampler:
         self.seed, self.mode, self.start_step = seed, mode, start_step
         self.state = copy.deepcopy(state)
         self.negatives = negatives
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}  # task -> (epoch, its permutation)
 
     def _permutation(self, task_index: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, task_index, epoch]).permutation(len(self.tasks[task_index]))
+        """The task's row order in `epoch`, computed once per epoch (10M rows: ~0.3 s and 80 MB while
+        drawn) and kept as int32 (40 MB at 10M rows), the values of the int64 draw unchanged."""
+        cached = self._permutations.get(task_index)
+        if cached is None or cached[0] != epoch:
+            rows = len(self.tasks[task_index])
+            order = np.random.default_rng([self.seed, task_index, epoch]).permutation(rows)
+            self._permutations[task_index] = (epoch, order.astype(np.int32 if rows < 2**31 else np.int64))
+        return self._permutations[task_index][1]
 
     def _take(self, task_index: int, count: int) -> list[tuple[int, int]]:
         """The next `count` (row, epoch) of a task's stream, advancing its cursor."""

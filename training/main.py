@@ -80,7 +80,8 @@ from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, 
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (Config, ConfigError, build_ds_config, check_evaluation_data, check_model, load_config,
                              to_dict)
-from training.data import RetrievalBatch, SamplerState, StepBatch, Task, load_tasks, make_loader, prefetch_steps
+from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
+                           prefetch_steps)
 from training.loss import RetrievalEmbeddings, STSEmbeddings, StepLoss, cbb_step_loss
 from training.negatives_runtime import NegativesRuntime
 from training.schedule import assign_tasks
@@ -177,6 +178,7 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
 
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    check_same_data(tasks)  # a file changed between two ranks' starts: refuse rather than mix old and new
     has_gpu = torch.cuda.is_available()
     ds_config = build_ds_config(config, world_size, has_gpu)
     run_dir = Path(config.run_dir)
