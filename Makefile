@@ -44,7 +44,10 @@ endif
 demo: $(STAMP)
 	$(PY) scripts/quickstart.py
 
+# scripts/ensure_chromium.sh installs Debian's chromium for the report's browser test when it is missing
+# (as root; where it cannot, that test is skipped and says why).
 test: $(STAMP)
+	scripts/ensure_chromium.sh
 	$(PY) -m pytest -q -m "not slurm"
 
 # The SLURM tests submit the real scripts in slurm/ to a one-node cluster on this machine, which

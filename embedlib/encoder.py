@@ -342,11 +342,15 @@ class Encoder(nn.Module):
 
     # ---- saving --------------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+             prompts: dict[str, str] | None = None) -> None:
         """Write the model into `directory` (the caller publishes it atomically).
 
         state_dict: the full Encoder state dict (keys backbone.* and projection.*), e.g. gathered from
         ZeRO-3 partitions on rank 0, where this module's own parameters are empty placeholders.
+        prompts: sentence-transformers prompts by name, e.g. {"query": the instruction the queries were
+        trained with} (embedlib.modelcard.training_prompts), so that encode(..., prompt_name="query")
+        puts it before each text as training did.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -410,7 +414,7 @@ class Encoder(nn.Module):
                 "__version__": _installed_versions(),
                 "default_prompt_name": None,
                 "model_type": "SentenceTransformer",
-                "prompts": {"document": "", "query": ""},
+                "prompts": {"document": "", "query": "", **(prompts or {})},
                 "similarity_fn_name": "cosine",
             },
         )

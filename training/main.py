@@ -258,7 +258,7 @@ def lr_factor(config: Config):
 
 def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, negatives: NegativesRuntime,
                start_step: int, record: RunRecord, preemption: Preemption) -> tuple[RunStatus, int]:
-    from training.export import export_model
+    from training.export import export_model, refresh_model_card
     from training.metrics import MetricsLog, StepProgress
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -285,6 +285,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
         if evaluation_due(step):
             if rank == 0:  # the export is the consolidated model under every ZeRO stage
                 eval_log.log({"step": step, **evaluate_export(info.path, config)})
+                refresh_model_card(info.path, run_dir)  # the card shows this export's own figures
             dist.barrier()
 
     loader = make_loader(tasks, engine.module.tokenizer, config, world_size, rank, start_step, state, negatives)
