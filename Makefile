@@ -56,5 +56,20 @@ test-slurm: $(STAMP)
 	slurm/testing/start_cluster.sh
 	$(PY) -m pytest -q -m slurm
 
+# The GPU check (bench/gpu_check.py). gpu-wheels, on a machine with the package registry: what the
+# GPU machine lacks (deepspeed, built as a pure-Python wheel; faiss-cpu; datasets; their missing
+# dependencies), as CPython 3.12 manylinux wheels in .whl/ (git-ignored, 60 MB at most), plus the
+# MiniLM tokenizer. gpu-check, on the GPU machine with that python3 (no venv, nothing downloaded):
+# installs them into /tmp, runs the GPU tests and timings, writes $(GPU_CHECK_OUT)/gpu_check.{json,md,log}.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= runs/gpu_check
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_check.py --make-wheels .whl
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --wheels .whl --out $(GPU_CHECK_OUT)
+
 clean:
 	rm -rf $(VENV) .cache runs
