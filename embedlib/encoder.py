@@ -3,7 +3,8 @@
     Encoder.from_pretrained(dir)   a plain Hugging Face model dir, or a sentence-transformers dir
                                    (our exports, all-MiniLM-L6-v2, Conan-embedding-v1, ...)
     encoder(input_ids, mask)       [B, D] pooled (+ projected) (+ normalised) embeddings, for training
-    encoder.encode(texts)          float32 numpy [N, D] in input order, for mining and evaluation
+    encoder.encode(texts)          float32 numpy [N, D] in input order, for mining and evaluation;
+                                   batches by token count (least padding), EncodeStats on request
     encoder.save(dir)              a dir that transformers.AutoModel and SentenceTransformer both load
 
 The saved layout is what sentence-transformers 6.2 writes itself:
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -141,6 +144,74 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torc
     """Tokenize as the encoder does, with only a tokenizer (DataLoader workers hold no model)."""
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+@dataclass
+class EncodeStats:
+    """What Encoder.encode calls computed, summed over the calls given the same object: texts, real
+    tokens (special tokens included), token positions computed (each batch's rows x its longest row),
+    batches and wall seconds. padding_fraction is the share of computed positions that were padding."""
+
+    texts: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"texts": self.texts, "tokens": self.tokens, "padded_tokens": self.padded_tokens,
+                "padding_fraction": round(self.padding_fraction, 4), "batches": self.batches,
+                "seconds": round(self.seconds, 3)}
+
+
+def _flat(rows: list[list[int]], total: int) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
+
+
+class _TokenizedTexts:
+    """Every text tokenized once (truncated, unpadded), kept as flat int64 arrays; batch(rows) pads the
+    chosen rows to their longest as the tokenizer itself would (its padding side, pad id, pad type id)."""
+
+    _CHUNK = 4096  # texts per tokenizer call
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
+        ids, types, lengths = [], [], []
+        for s in range(0, len(texts), self._CHUNK):
+            encoded = tokenizer(list(texts[s : s + self._CHUNK]), truncation=True, max_length=max_length,
+                                padding=False, return_attention_mask=False)
+            chunk_lengths = np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64)
+            lengths.append(chunk_lengths)
+            ids.append(_flat(encoded["input_ids"], int(chunk_lengths.sum())))
+            if "token_type_ids" in encoded:
+                types.append(_flat(encoded["token_type_ids"], int(chunk_lengths.sum())))
+        self.lengths = np.concatenate(lengths)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.ids = np.concatenate(ids)
+        self.types = np.concatenate(types) if types else None
+        self.pad_id = tokenizer.pad_token_id
+        self.pad_type_id = getattr(tokenizer, "pad_token_type_id", 0)
+        self.left = tokenizer.padding_side == "left"
+
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        width = int(self.lengths[rows].max()) if len(rows) else 0
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        types = np.full((len(rows), width), self.pad_type_id, dtype=np.int64) if self.types is not None else None
+        for j, row in enumerate(rows):
+            a, b = self.offsets[row], self.offsets[row + 1]
+            cols = slice(width - (b - a), width) if self.left else slice(0, b - a)
+            input_ids[j, cols] = self.ids[a:b]
+            mask[j, cols] = 1
+            if types is not None:
+                types[j, cols] = self.types[a:b]
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
 
 
 class Encoder(nn.Module):
@@ -288,18 +359,23 @@ class Encoder(nn.Module):
         device: str | torch.device | None = None,
         show_progress: bool = True,
         dtype: torch.dtype | None = None,
+        stats: EncodeStats | None = None,
     ) -> np.ndarray:
         """Embed `texts`: float32 [N, D] (D = dim when given) in the order of `texts`.
 
-        Texts are batched longest first, by character length: a cheap stand-in for token count that
-        needs no extra tokenizer pass over the corpus, and it only decides padding waste, not results.
-        Longest first also means an out-of-memory batch size fails at once rather than at the end.
+        Every text is tokenized once up front; batches of `batch_size` texts are then formed longest
+        first by token count, so each batch is padded only to its own longest text (the least padding a
+        batch of that many texts can have) and an out-of-memory batch size fails at once rather than at
+        the end. Batching decides padding, not results: an embedding equals that of the text encoded
+        alone, up to float rounding.
 
         device: None = where the model already is when that is a GPU, else cuda when available, else
         cpu; the model is moved there and stays. dtype: the compute dtype, None = bfloat16 autocast on
         CUDA and float32 on CPU. dim: Matryoshka truncation to the first `dim` coordinates, renormalised.
+        stats: an EncodeStats to which this call adds its texts, tokens, padded positions and seconds.
         The model is put in eval mode for the call and returned to its previous mode afterwards.
         """
+        started = time.perf_counter()
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise EncoderError(f"encode: texts[{i}] is {type(text).__name__}, expected str")
@@ -314,15 +390,17 @@ class Encoder(nn.Module):
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.to(device)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        tokens = _TokenizedTexts(self.tokenizer, texts, max_length or self.config.max_length)
+        order = np.argsort(-tokens.lengths, kind="stable")  # longest first; equal lengths in input order
+        padded = 0
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode(), progress_task("encode", len(texts), disable=not show_progress) as advance:
                 for start in range(0, len(order), batch_size):
                     rows = order[start : start + batch_size]
-                    batch = self.tokenize([texts[i] for i in rows], max_length=max_length)
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                    batch = {k: torch.from_numpy(v).to(device) for k, v in tokens.batch(rows).items()}
+                    padded += batch["input_ids"].numel()
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         embeddings = self(**batch)
                     embeddings = embeddings.to(torch.float32)
@@ -332,6 +410,12 @@ class Encoder(nn.Module):
                     advance(len(rows))
         finally:
             self.train(was_training)
+        if stats is not None:
+            stats.texts += len(texts)
+            stats.tokens += int(tokens.lengths.sum())
+            stats.padded_tokens += padded
+            stats.batches += -(-len(texts) // batch_size)
+            stats.seconds += time.perf_counter() - started
         return out
 
     def _default_device(self) -> torch.device:

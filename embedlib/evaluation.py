@@ -10,6 +10,13 @@ STS reports the Spearman correlation of cosine similarity with the gold score.
 The same functions serve the quickstart (scripts/quickstart.py) in-process; `evaluate_model` loads a
 model directory and runs whatever is asked of it.
 
+Corpus embeddings are scored as the embedding cache holds them (float16), with or without a cache, so a
+figure never depends on whether one was used. With a cache directory (`--cache-dir`; a run's is
+RUN/mining/cache, embedlib.embedding_cache) the corpus is encoded only when no miner, sidecar or earlier
+evaluation encoded it with this model, max length and dtype; the output's "encoding" says what was
+encoded now, from the cache, the padding fraction and the seconds. The cache is kept under
+--cache-max-gb (least recently used entries removed).
+
 Bad input is found before the model is loaded: the data files are read and checked first, then the
 model directory. The library raises records.RecordError for a bad record (file, line, field) and
 EvaluationError for anything else; the command prints either as one line `error: ...`, exits with
@@ -28,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from embedlib.atomic import atomic_write_bytes
+from embedlib.embedding_cache import DEFAULT_MAX_GB
 from embedlib.records import (Document, Query, RecordError, ScoredPair, _iter_lines, read_corpus, read_qrels,
                               read_queries, read_scored_pairs)
 
@@ -159,16 +167,38 @@ def paired_difference(baseline: dict[str, float], other: dict[str, float], *, sa
     return {"mean": float(diff.mean()), "ci95_low": float(low), "ci95_high": float(high), "num_queries": len(common)}
 
 
-def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "", show_progress: bool = True, dtype=None, per_query: bool = False) -> dict:
+def evaluate_retrieval(encoder, split: BeirSplit, *, batch_size: int = 64, query_instruction: str = "",
+                       show_progress: bool = True, dtype=None, per_query: bool = False, cache=None,
+                       encoding: dict | None = None) -> dict:
     """Encode corpus and queries with `encoder` (an embedlib.encoder.Encoder), search exactly, score.
 
-    dtype: the compute dtype of encoding (None: Encoder.encode's default, bf16 autocast on CUDA)."""
+    dtype: the compute dtype of encoding (None: Encoder.encode's default, bf16 autocast on CUDA).
+    cache: an embedlib.embedding_cache.EmbeddingCache entry of this model, corpus, max length and dtype:
+    the corpus blocks found there are not encoded again, and those encoded are saved there.
+    encoding: a dict to fill with what encoding cost (rows encoded and from the cache, EncodeStats)."""
+    from embedlib.encoder import EncodeStats
     from embedlib.search import exact_search
 
     if not split.corpus or not split.queries:
         raise EvaluationError(f"nothing to search: {len(split.corpus)} documents, {len(split.queries)} queries")
-    doc_emb = encoder.encode([d.passage for d in split.corpus], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
-    query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
+    passages = [d.passage for d in split.corpus]
+    stats = EncodeStats()
+    if cache is not None:
+        from embedlib.embedding_cache import encode_corpus
+
+        corpus = encode_corpus(encoder, passages, cache, batch_size=batch_size, max_length=encoder.config.max_length,
+                               dtype=dtype, show_progress=show_progress)
+        doc_emb, encoded, stats = corpus.blocks, corpus.encoded_rows, corpus.stats
+    else:  # float16, as a cache holds them: the figures do not depend on whether a cache is used
+        doc_emb = encoder.encode(passages, batch_size=batch_size, show_progress=show_progress, dtype=dtype,
+                                 stats=stats).astype(np.float16)
+        encoded = len(passages)
+    query_emb = encoder.encode([query_instruction + q.text for q in split.queries], batch_size=batch_size,
+                               show_progress=show_progress, dtype=dtype, stats=stats)
+    if encoding is not None:
+        encoding.update({"corpus_rows": len(passages), "corpus_rows_encoded": encoded,
+                         "corpus_rows_from_cache": len(passages) - encoded,
+                         "cache": None if cache is None else str(cache.dir), **stats.as_dict()})
     _, ids = exact_search(doc_emb, query_emb, k=min(max(RECALL_CUTOFFS), len(split.corpus)))
     ranked = [[split.corpus[i].id for i in row if i >= 0] for row in ids]
     return ranking_metrics(ranked, [q.id for q in split.queries], split.qrels, per_query=per_query)
@@ -287,37 +317,77 @@ def _load_encoder(model: str | Path, root: Path, max_length: int | None):
 
 def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: str = "dev", sts: str | Path | None = None,
                    query_instruction: str = "", batch_size: int = 64, max_length: int | None = None,
-                   dtype: str = "auto", show_progress: bool = True, per_query: bool = False) -> dict[str, dict]:
-    """Load a model directory and evaluate it: {"retrieval": {...}} and/or {"sts": {...}}.
+                   dtype: str = "auto", show_progress: bool = True, per_query: bool = False,
+                   cache_dir: str | Path | None = None, cache_max_gb: float | None = DEFAULT_MAX_GB) -> dict[str, dict]:
+    """Load a model directory and evaluate it: {"retrieval": {...}, "encoding": {...}} and/or {"sts": {...}}.
 
     max_length: tokens per text (None: what the model directory says), the same for queries and passages.
     per_query: the retrieval figures also hold each query's (see `ranking_metrics`).
+    cache_dir: the embedding cache to read the corpus embeddings from and add them to (a run's is
+    RUN/mining/cache); afterwards its least recently used entries beyond cache_max_gb (None: no bound)
+    are removed. "encoding" says what encoding the retrieval evaluation did.
 
     The arguments and every data file are checked first, then the model directory, and only then is the
     model loaded, so that bad input fails in seconds: RecordError (a bad record) or EvaluationError.
     """
     _check_options(batch_size, max_length, dtype)
+    if cache_max_gb is not None and not 0 <= cache_max_gb < math.inf:
+        raise EvaluationError(f"cache bound must be >= 0 GB and finite, got {cache_max_gb!r}")
     if not beir and not sts:
         raise EvaluationError("nothing to evaluate: give a BEIR directory and/or an STS file")
     split_data = BeirSplit.load(beir, split) if beir else None
     sts_pairs = read_sts(sts) if sts else None
+    if cache_dir is not None:
+        _check_cache_dir(Path(cache_dir))
     root = check_model_dir(model, max_length)
 
     encoder = _load_encoder(model, root, max_length)
     compute_dtype = encode_dtype(dtype)
     results: dict[str, dict] = {}
     if split_data is not None:
+        cache = _cache_entry(cache_dir, encoder, root, split_data, compute_dtype) if cache_dir is not None else None
+        encoding: dict = {}
         results["retrieval"] = evaluate_retrieval(encoder, split_data, batch_size=batch_size,
                                                   query_instruction=query_instruction, show_progress=show_progress,
-                                                  dtype=compute_dtype, per_query=per_query)
+                                                  dtype=compute_dtype, per_query=per_query, cache=cache,
+                                                  encoding=encoding)
+        results["encoding"] = encoding
+        if cache is not None:
+            from embedlib.embedding_cache import gigabytes, prune_cache
+
+            prune_cache(cache_dir, gigabytes(cache_max_gb), keep=(cache,))
     if sts_pairs is not None:
         results["sts"] = evaluate_sts(encoder, sts_pairs, batch_size=batch_size,
                                       show_progress=show_progress, dtype=compute_dtype)
     return results
 
 
+def _check_cache_dir(path: Path) -> None:
+    """The cache directory, or its nearest existing ancestor, must be a directory (checked before loading)."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise EvaluationError(f"cache directory {path}: {existing} exists and is not a directory")
+            return
+
+
+def _cache_entry(cache_dir, encoder, root: Path, split: BeirSplit, compute_dtype):
+    """The cache entry of this model, corpus, max length and compute dtype, keyed as the miner keys it."""
+    from embedlib.embedding_cache import EmbeddingCache, dtype_name
+    from embedlib.encoder import model_fingerprint
+    from embedlib.records import corpus_fingerprint
+
+    device = encoder._default_device()
+    return EmbeddingCache(cache_dir, model_fingerprint(root), corpus_fingerprint(split.corpus),
+                          encoder.config.max_length, dtype_name(compute_dtype, device.type))
+
+
 class _UsageError(Exception):
     pass
+
+
+def off_or_float(text: str) -> float | None:
+    return None if text.lower() in ("off", "none") else float(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -349,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=ENCODE_DTYPES, default="auto",
                         help="compute dtype of encoding (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--per-query", action="store_true", help="also report each query's retrieval figures")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="embedding cache shared with mining (a run's: RUN/mining/cache): corpus embeddings "
+                             "of this model found there are not encoded again, and new ones are added")
+    parser.add_argument("--cache-max-gb", type=off_or_float, default=DEFAULT_MAX_GB,
+                        help="with --cache-dir: remove its least recently used entries beyond this many GB; "
+                             f"'off': no bound (default: {DEFAULT_MAX_GB:g})")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     try:
@@ -362,12 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_length is not None and args.max_length < 2:
             raise _UsageError(f"--max-length must be at least 2 (a text between its two special tokens), "
                               f"got {args.max_length}")
+        if args.cache_max_gb is not None and not 0 <= args.cache_max_gb < math.inf:
+            raise _UsageError(f"--cache-max-gb must be >= 0 and finite, got {args.cache_max_gb}")
         if args.output:
             _check_output(args.output)
         results = evaluate_model(args.model, beir=args.beir, split=args.split, sts=args.sts,
                                  query_instruction=args.query_instruction, batch_size=args.batch_size,
                                  max_length=args.max_length, dtype=args.dtype, show_progress=not args.no_progress,
-                                 per_query=args.per_query)
+                                 per_query=args.per_query, cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb)
         text = json.dumps({"model": str(args.model), **results}, indent=2)
         if args.output:  # written before printing, so that a failed write prints no figures
             try:

@@ -1,5 +1,12 @@
 """One mining pass: encode, search, filter, publish a version. Used by the standalone job and the sidecar.
 
+A pass is full (every corpus passage, through the shared embedding cache, embedlib.embedding_cache) or,
+for the sidecar with a RefreshPlan, partial: only the passages that can matter for the next version
+are encoded (the previous version's candidate lists, the training positives, and a random sample of
+the rest of the corpus) and searched; every `full_every`-th pass is full again. A full pass of a sidecar
+in partial mode also measures what a partial pass would have found with the same model
+(`partial_recall`), so the shortcut's price is on record.
+
 Under N ranks each rank encodes (or loads from the cache) its contiguous run of corpus blocks and
 searches it with every query; rank 0 gathers the per-shard top lists, merges, filters and publishes.
 No rank holds more than its shard's embeddings. Every rank encodes all queries itself (queries are
@@ -22,12 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedlib.encoder import Encoder, EncoderError, is_encoder_export, model_fingerprint, resolve_model_dir
+from embedlib.embedding_cache import (EmbeddingCache, block_ranges, encode_blocks, gigabytes, prune_cache,
+                                      shard_of)
+from embedlib.encoder import (EncodeStats, Encoder, EncoderError, is_encoder_export, model_fingerprint,
+                              resolve_model_dir)
 from embedlib.exports import MARKER, read_export_marker
-from embedlib.negstore import NegativeStore, NegativeStoreError
+from embedlib.negstore import CANDIDATES, NegativeStore, NegativeStoreError
 from embedlib.rundir import utc_now
 from embedlib.search import ApproximateIndex, ExactIndex, exact_scores, gpu_count, merge_topk, recall_at_k
-from mining.embeddings import EmbeddingCache, block_ranges, encode_blocks, shard_of
+from mining.distributed import LocalComm
 from mining.filters import FilterConfig, filter_candidates
 from mining.inputs import MiningInputs, load_inputs
 from mining.spec import REFRESHES_NAME, MiningError, MiningSpec, cache_root, mining_dir
@@ -37,13 +47,91 @@ log = logging.getLogger("mining")
 
 @dataclass
 class _Shard:
+    """The corpus rows one process searches: a contiguous range (start, num_rows) or, in a partial
+    refresh, the sorted global rows `rows` (local row i is global row rows[i])."""
+
     start: int  # first global corpus row
     num_rows: int
     index: ExactIndex | ApproximateIndex
+    rows: np.ndarray | None = None
+
+    def to_global(self, ids: np.ndarray) -> np.ndarray:
+        if self.rows is None:
+            return np.where(ids >= 0, ids + self.start, -1)
+        return np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
+
+    def to_local(self, global_rows: np.ndarray) -> np.ndarray:
+        """Local row of each global row (-1 where it is padding or not in this shard)."""
+        if self.rows is None:
+            local = global_rows - self.start
+            return np.where((global_rows >= 0) & (local >= 0) & (local < self.num_rows), local, -1)
+        pos = np.clip(np.searchsorted(self.rows, global_rows), 0, max(len(self.rows) - 1, 0))
+        found = (global_rows >= 0) & (len(self.rows) > 0) & (self.rows[pos] == global_rows)
+        return np.where(found, pos, -1)
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.index.search(queries, depth)
-        return scores, np.where(ids >= 0, ids + self.start, -1)
+        return scores, self.to_global(ids)
+
+
+@dataclass(frozen=True)
+class RefreshPlan:
+    """How the sidecar's passes mine. full_every = 1: every pass is full. n > 1: after a full pass come
+    n - 1 partial ones, each encoding and searching only the union of the previous version's candidate
+    lists (their first `depth` candidates; None: all), the training positives (their scores set the
+    positive-aware filter), and a seeded random `sample` fraction of the other rows."""
+
+    full_every: int = 1
+    depth: int | None = None
+    sample: float = 0.05
+
+
+@dataclass
+class _Previous:
+    version: int
+    candidates: np.ndarray  # int32 [Q, K], -1 padded
+    partials_since_full: int  # partial versions since the last full one (0: this one is full)
+
+
+def _previous_version(run_dir, num_queries: int) -> _Previous | None:
+    """The newest published version (its candidates in memory), or None."""
+    latest = NegativeStore(run_dir).open_latest(verify=False)
+    if latest is None:
+        return None
+    with latest:
+        candidates = np.load(latest.path / CANDIDATES, mmap_mode="r", allow_pickle=False)
+        if candidates.shape[0] != num_queries:
+            return None
+        return _Previous(latest.version, np.array(candidates),
+                         int(latest.manifest.get("extra", {}).get("partials_since_full", 0)))
+
+
+def found_fraction(found: np.ndarray, reference: np.ndarray) -> float:
+    """Share of the reference lists' entries (padding -1 ignored) that the found lists of the same
+    queries hold, over all queries together (1.0 when the reference is empty)."""
+    found, reference = np.asarray(found, dtype=np.int64), np.asarray(reference, dtype=np.int64)
+    width = int(max(found.max(initial=0), reference.max(initial=0))) + 1
+    query = np.arange(len(reference), dtype=np.int64)[:, None]
+    keys = lambda rows: (query * width + rows)[rows >= 0]  # noqa: E731
+    wanted = keys(reference)
+    return float(np.isin(wanted, keys(found)).mean()) if wanted.size else 1.0
+
+
+def partial_rows(previous: _Previous, positive_rows: np.ndarray, num_rows: int, plan: RefreshPlan) -> np.ndarray:
+    """Sorted corpus rows of a partial refresh after `previous`: its candidates (first plan.depth of each
+    list), every positive row, and round(plan.sample x the other rows) of the rest, drawn with a seed
+    that is the previous version's number (a restarted sidecar, and the recall check of a full pass,
+    draw the same)."""
+    candidates = previous.candidates if plan.depth is None else previous.candidates[:, : plan.depth]
+    chosen = np.zeros(num_rows, dtype=bool)
+    for rows in (candidates, positive_rows):
+        rows = np.asarray(rows).ravel()
+        chosen[rows[rows >= 0]] = True
+    rest = np.flatnonzero(~chosen)
+    take = int(round(plan.sample * len(rest)))
+    if take:
+        chosen[np.random.default_rng(previous.version).choice(rest, size=take, replace=False)] = True
+    return np.flatnonzero(chosen)
 
 
 def check_run_dir(run_dir: str | os.PathLike, inputs: MiningInputs) -> None:
@@ -149,8 +237,7 @@ def _merged(comm, shard: _Shard, queries: np.ndarray, depth: int):
 
 def _positive_scores(comm, shard: _Shard, queries: np.ndarray, positive_rows: np.ndarray) -> np.ndarray | None:
     """[Q, P] exact score of each positive (-inf padding) on rank 0, computed by the rank holding it."""
-    local = positive_rows - shard.start
-    local = np.where((positive_rows >= 0) & (local >= 0) & (local < shard.num_rows), local, -1)
+    local = shard.to_local(positive_rows)
     if shard.num_rows:
         scores = exact_scores(shard.index.corpus, queries, local)
     else:
@@ -185,10 +272,13 @@ def _search_and_filter(comm, shard: _Shard, queries: np.ndarray, inputs: MiningI
 
 def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathLike, comm, *,
          model_step: int | None = None, mode: str = "mine", show_progress: bool = True,
-         keep_versions: int | None = None) -> dict | None:
+         keep_versions: int | None = None, refresh: RefreshPlan | None = None) -> dict | None:
     """Mine negatives with the model in `model_dir` and publish the next version of RUN/negatives; then,
-    with keep_versions, remove older versions (prune_versions).
+    with keep_versions, remove older versions (prune_versions), and bound the embedding cache
+    (spec.cache_max_gb).
 
+    refresh (the sidecar's; one process only): with full_every > 1 the pass is partial when fewer than
+    full_every - 1 partial versions follow the last full one, and a full pass measures partial_recall.
     Returns the pass's record (also appended to RUN/mining/refreshes.jsonl) on rank 0, None elsewhere.
     Raises MiningError for bad inputs before the model is loaded or anything is written.
     """
@@ -198,9 +288,14 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         raise MiningError(str(e)) from None
     check_model_dir(model_dir)
     inputs = check_inputs(spec, run_dir)
+    if refresh is not None and refresh.full_every > 1 and comm.world_size > 1:
+        raise MiningError("partial refreshes run in one process (the sidecar's); got several ranks")
     step = export_step(model_dir) if model_step is None else model_step
-    encoder, model_fp = _load_encoder(model_dir, spec)
     num_rows, num_queries = len(inputs.docs), len(inputs.pairs)
+    previous = _previous_version(run_dir, num_queries) if refresh is not None and refresh.full_every > 1 else None
+    partial_mode = refresh is not None and refresh.full_every > 1 and previous is not None
+    partial = partial_mode and previous.partials_since_full < refresh.full_every - 1
+    encoder, model_fp = _load_encoder(model_dir, spec)
     show_progress = show_progress and comm.rank == 0
 
     cuda = torch.cuda.is_available()
@@ -210,34 +305,51 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
     max_length = encoder.config.max_length
     cache = EmbeddingCache(cache_root(spec, run_dir), model_fp, inputs.corpus_fingerprint, max_length, dtype_name)
     all_blocks = block_ranges(num_rows, spec.block_rows)
-    my_blocks = shard_of(all_blocks, comm.rank, comm.world_size)
+    my_blocks = [] if partial else shard_of(all_blocks, comm.rank, comm.world_size)
 
     started = time.perf_counter()
-    shard_embeddings, hits = encode_blocks(
-        encoder, inputs.passages, my_blocks, cache, batch_size=spec.batch_size, max_length=max_length,
-        device=device, dtype=dtype, show_progress=show_progress)
+    subset = None
+    if partial:  # only the passages that can matter; nothing cached (an entry holds whole blocks)
+        subset = partial_rows(previous, inputs.positive_rows, num_rows, refresh)
+        passages = inputs.passages
+        passage_stats = EncodeStats()
+        embeddings = encoder.encode([passages[r] for r in subset], batch_size=spec.batch_size,
+                                    max_length=max_length, device=device, dtype=dtype, show_progress=show_progress,
+                                    stats=passage_stats)
+        shard_embeddings = [embeddings.astype(np.float16)]  # the precision of a full pass's cached blocks
+        hits, encoded_rows = 0, len(subset)
+    else:
+        corpus = encode_blocks(encoder, inputs.passages, my_blocks, cache, batch_size=spec.batch_size,
+                               max_length=max_length, device=device, dtype=dtype, show_progress=show_progress)
+        shard_embeddings, hits, encoded_rows, passage_stats = corpus.blocks, corpus.hits, corpus.encoded_rows, corpus.stats
+    query_stats = EncodeStats()
     queries = encoder.encode(inputs.query_texts, batch_size=spec.batch_size,
                              max_length=spec.query_max_length or max_length, device=device, dtype=dtype,
-                             show_progress=show_progress)
+                             show_progress=show_progress, stats=query_stats)
     del encoder
     encode_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    shard_start = my_blocks[0][0] if my_blocks else 0
-    shard_rows = sum(end - start for start, end in my_blocks)
     gpus = [comm.local_rank % gpu_count()] if comm.world_size > 1 and gpu_count() else None
-    if spec.index == "exact" or shard_rows == 0:
-        index = ExactIndex(shard_embeddings, device=spec.device, gpus=gpus)
+    if partial:
+        shard = _Shard(0, len(subset), ExactIndex(shard_embeddings, device=spec.device, gpus=gpus), rows=subset)
+        searchable = len(subset)
     else:
-        index = ApproximateIndex(shard_embeddings, spec.index, nlist=spec.nlist, nprobe=spec.nprobe,
-                                 hnsw_m=spec.hnsw_m, ef_search=spec.ef_search)
-    shard = _Shard(shard_start, shard_rows, index)
+        shard_start = my_blocks[0][0] if my_blocks else 0
+        shard_rows = sum(end - start for start, end in my_blocks)
+        if spec.index == "exact" or shard_rows == 0:
+            index = ExactIndex(shard_embeddings, device=spec.device, gpus=gpus)
+        else:
+            index = ApproximateIndex(shard_embeddings, spec.index, nlist=spec.nlist, nprobe=spec.nprobe,
+                                     hnsw_m=spec.hnsw_m, ef_search=spec.ef_search)
+        shard = _Shard(shard_start, shard_rows, index)
+        searchable = num_rows
 
     positive_scores = _positive_scores(comm, shard, queries, inputs.positive_rows)
-    ids, scores, deepened = _search_and_filter(comm, shard, queries, inputs, positive_scores, spec, num_rows)
+    ids, scores, deepened = _search_and_filter(comm, shard, queries, inputs, positive_scores, spec, searchable)
 
     recall = None
-    if spec.index != "exact":
+    if spec.index != "exact" and not partial:
         sample = np.unique(np.linspace(0, num_queries - 1, min(spec.recall_sample, num_queries)).astype(np.int64))
         exact_shard = _Shard(shard_start, shard_rows, ExactIndex(shard_embeddings, device=spec.device, gpus=gpus))
         approx = _merged(comm, shard, queries[sample], spec.k)
@@ -246,37 +358,61 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
             recall = recall_at_k(approx[1], exact[1])
             log.info("approximate search (%s): recall@%d = %.4f against exact search on %d queries",
                      spec.index, spec.k, recall, len(sample))
+    partial_recall = None
+    if partial_mode and not partial:  # what a partial pass would have found with this model
+        rows = partial_rows(previous, inputs.positive_rows, num_rows, refresh)
+        sub = shard.index.corpus.gather(rows).astype(np.float16)
+        sub_shard = _Shard(0, len(rows), ExactIndex([sub], device=spec.device), rows=rows)
+        sub_positive = _positive_scores(LocalComm(), sub_shard, queries, inputs.positive_rows)
+        sub_ids, _, _ = _search_and_filter(LocalComm(), sub_shard, queries, inputs, sub_positive, spec, len(rows))
+        partial_recall = found_fraction(sub_ids, ids)
+    previous_recall = found_fraction(previous.candidates, ids) if previous is not None and comm.rank == 0 else None
     search_seconds = time.perf_counter() - started
 
-    # Rank 0 reports the slowest rank's times and the cache hits of all ranks.
-    stats = comm.gather(np.array([encode_seconds, search_seconds, hits], dtype=np.float64))
+    # Rank 0 reports the slowest rank's times, and the cache hits and encoding figures of all ranks.
+    stats = comm.gather(np.array([encode_seconds, search_seconds, hits, encoded_rows, passage_stats.tokens,
+                                  passage_stats.padded_tokens, passage_stats.seconds], dtype=np.float64))
     if comm.rank != 0:
         comm.barrier()
         return None
     stats = np.stack(stats)
     short_queries = int((ids[:, -1] < 0).sum())
+    kind = "partial" if partial else "full"
+    since = previous.partials_since_full + 1 if partial else 0
     extra = {
         "mode": mode, "k": spec.k, "positive_margin": spec.positive_margin, "score_cap": spec.score_cap,
         "index": spec.index, "query_instruction": spec.query_instruction, "max_length": max_length,
-        "model_fingerprint": model_fp, "short_queries": short_queries,
+        "model_fingerprint": model_fp, "short_queries": short_queries, "refresh": kind,
+        "partials_since_full": since, "searched_passages": searchable,
     }
     version = NegativeStore(run_dir).publish(
         ids.astype(np.int32), scores, corpus_fingerprint=inputs.corpus_fingerprint,
         queries_fingerprint=inputs.queries_fingerprint, model_path=str(model_dir.resolve()), model_step=step,
         corpus_size=num_rows, extra=extra)
     comm.barrier()
+    tokens, padded = stats[:, 4].sum() + query_stats.tokens, stats[:, 5].sum() + query_stats.padded_tokens
     record = {
         "time": utc_now(), "mode": mode, "version": version,
         "export_step": step, "model_path": str(model_dir.resolve()), "encode_seconds": round(float(stats[:, 0].max()), 3),
         "search_seconds": round(float(stats[:, 1].max()), 3), "num_queries": num_queries, "k": spec.k,
-        "corpus_size": num_rows, "cache_hit": bool(stats[:, 2].sum() == len(all_blocks)),
-        "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": len(all_blocks), "world_size": comm.world_size,
-        "index": spec.index, "recall": recall, "short_queries": short_queries, "deepened_queries": deepened,
+        "corpus_size": num_rows, "cache_hit": bool(not partial and stats[:, 2].sum() == len(all_blocks)),
+        "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": 0 if partial else len(all_blocks),
+        "world_size": comm.world_size, "index": spec.index, "recall": recall, "short_queries": short_queries,
+        "deepened_queries": deepened, "refresh": kind, "partials_since_full": since,
+        "encoded_passages": int(stats[:, 3].sum()), "searched_passages": searchable,
+        "padding_fraction": round(float(1 - tokens / padded), 4) if padded else 0.0,
+        "passage_encode_seconds": round(float(stats[:, 6].max()), 3),
+        "query_encoding": query_stats.as_dict(),
+        "partial_recall": None if partial_recall is None else round(partial_recall, 4),
+        "previous_recall": None if previous_recall is None else round(previous_recall, 4),
     }
-    log.info("published negatives v%06d: export step %d, %d queries x %d, encode %.1f s (cache %s), "
-             "search %.1f s%s", version, step, num_queries, spec.k, record["encode_seconds"],
-             "hit" if record["cache_hit"] else "miss", record["search_seconds"],
+    log.info("published negatives v%06d (%s): export step %d, %d queries x %d, %d passages encoded in %.1f s "
+             "(cache %s, padding %.1f%%), search %.1f s%s%s", version, kind, step, num_queries, spec.k,
+             record["encoded_passages"], record["encode_seconds"], "hit" if record["cache_hit"] else "miss",
+             100 * record["padding_fraction"], record["search_seconds"],
+             f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
              f", {short_queries} queries with fewer than k" if short_queries else "")
     record["removed_versions"] = prune_versions(run_dir, keep_versions) if keep_versions else []
+    record["removed_cache_entries"] = len(prune_cache(cache.root, gigabytes(spec.cache_max_gb), keep=(cache,)))
     _append_record(run_dir, record)
     return record

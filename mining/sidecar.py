@@ -11,10 +11,19 @@ when it likes. With `every` = n it mines once n new exports have appeared since 
 (always the newest of them). It stops on SIGTERM or SIGINT, and with stop_when_finished once the
 trainer's RUN/run.json says the run ended ("completed" or "failed"; a "preempted" run will resume).
 
+Refreshes that cost what changed: with full_every = n > 1, a full pass (every passage encoded) is
+followed by n - 1 partial ones, which encode and search only the passages that can matter for the next
+version: the union of the current version's candidate lists (their first partial_depth candidates),
+the training positives, and a random partial_sample fraction of the rest of the corpus (mining/job.py).
+Each refreshes.jsonl record says which kind it was (`refresh`), how many passages it encoded
+(`encoded_passages`) and searched, and, on the full passes of this mode, `partial_recall`: the share of
+the full pass's top-k that a partial pass with the same model would have found.
+
 Disk stays bounded: after each pass it removes all but the newest keep_versions versions of the store
 (never the newest, never one a live reader holds open: the trainer holds the versions it trains with;
-the pass's refreshes.jsonl record lists the removed ones, removed_versions) and all but the keep_cache_models newest model entries
-of the embedding cache. Its inputs (spec.json, the corpus and pairs it names, the cache directory) are
+the pass's refreshes.jsonl record lists the removed ones, removed_versions), all but the keep_cache_models newest model entries
+of the embedding cache, and the least recently used cache entries beyond the run's cache_max_gb
+(spec.json). Its inputs (spec.json, the corpus and pairs it names, the cache directory) are
 checked at start, so that a bad one ends it at once rather than at the first export.
 """
 from __future__ import annotations
@@ -25,11 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedlib.embedding_cache import clean_temporary_files, gc_cache
 from embedlib.exports import ExportInfo, list_exports
 from embedlib.negstore import NegativeStore
 from embedlib.rundir import read_status
 from mining.distributed import LocalComm
-from mining.embeddings import clean_temporary_files, gc_cache
 from mining.options import option
 from mining.spec import MiningError, cache_root, check_ranges, load_spec
 
@@ -56,6 +65,12 @@ class SidecarConfig:
     keep_versions: int = option(
         "negative-store versions kept after each pass: older ones are removed, except those a live reader "
         "(the trainer) holds open", 3)
+    full_every: int = option(
+        "every pass re-encodes the whole corpus (1), or every this-many-th pass does and the others are partial: "
+        "they encode and search only the current version's candidates, the positives and a random sample", 1)
+    partial_depth: int | None = option(
+        "candidates of each query's current list that a partial pass re-encodes (default: all k)", None)
+    partial_sample: float = option("fraction of the other corpus rows a partial pass draws at random", 0.05)
     show_progress: bool = option("progress bars on stderr", True, cli=False)
 
     def __post_init__(self):
@@ -65,7 +80,17 @@ class SidecarConfig:
             ("every", self.every >= 1, f"must be >= 1, got {self.every}"),
             ("keep_cache_models", self.keep_cache_models >= 1, f"must be >= 1, got {self.keep_cache_models}"),
             ("keep_versions", self.keep_versions >= 1, f"must be >= 1, got {self.keep_versions}"),
+            ("full_every", self.full_every >= 1, f"must be >= 1, got {self.full_every}"),
+            ("partial_depth", self.partial_depth is None or self.partial_depth >= 1,
+             f"must be >= 1, got {self.partial_depth}"),
+            ("partial_sample", 0 <= self.partial_sample <= 1, f"must be in [0, 1], got {self.partial_sample}"),
         ])
+
+    @property
+    def refresh(self):
+        from mining.job import RefreshPlan  # torch: not imported by `python -m mining sidecar --help`
+
+        return RefreshPlan(self.full_every, self.partial_depth, self.partial_sample)
 
 
 def run_finished(run_dir: Path) -> bool:
@@ -123,7 +148,8 @@ def run_sidecar(config: SidecarConfig) -> int:
                 log.info("mining with the export of step %d", export.step)
                 try:
                     mine(spec, export.path, run_dir, LocalComm(), model_step=export.step, mode="sidecar",
-                         show_progress=config.show_progress, keep_versions=config.keep_versions)
+                         show_progress=config.show_progress, keep_versions=config.keep_versions,
+                         refresh=config.refresh)
                 except MiningError:
                     if export.path.exists():
                         raise

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedlib.atomic import atomic_write_json
+from embedlib.embedding_cache import DEFAULT_MAX_GB, run_cache_dir
 from embedlib.rundir import MINING
 from mining.options import option
 
@@ -85,7 +86,10 @@ class MiningSpec:
         "candidates searched beyond k + the most excluded rows of any query, so that the filters rarely need "
         "a second, deeper search", 32)
     max_depth: int = option("deepest search when the filters leave a query fewer than k candidates", 2048)
-    cache_dir: str | None = option("corpus embedding cache (default: RUN/mining/cache)", None)
+    cache_dir: str | None = option("corpus embedding cache, shared with evaluation (default: RUN/mining/cache)", None)
+    cache_max_gb: float | None = option(
+        "bound of the embedding cache in GB: after each pass the least recently used entries are removed until "
+        "it fits (the run's bound: the sidecar and the quickstart's evaluations keep to it too)", DEFAULT_MAX_GB)
 
     def __post_init__(self):
         check_options(self)
@@ -105,6 +109,8 @@ class MiningSpec:
             ("score_cap", self.score_cap is None or math.isfinite(self.score_cap),
              f"must be a finite number (or off), got {self.score_cap}"),
             ("max_depth", self.max_depth >= self.k, f"must be >= k ({self.k}), got {self.max_depth}"),
+            ("cache_max_gb", self.cache_max_gb is None or 0 <= self.cache_max_gb < math.inf,
+             f"must be >= 0 and finite (or off), got {self.cache_max_gb}"),
         ])
         self.corpus = os.path.abspath(self.corpus)
         self.pairs = os.path.abspath(self.pairs)
@@ -117,7 +123,7 @@ def mining_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def cache_root(spec: MiningSpec, run_dir: str | os.PathLike) -> Path:
-    return Path(spec.cache_dir) if spec.cache_dir else mining_dir(run_dir) / "cache"
+    return Path(spec.cache_dir) if spec.cache_dir else run_cache_dir(run_dir)
 
 
 def save_spec(spec: MiningSpec, run_dir: str | os.PathLike) -> Path:

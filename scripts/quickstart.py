@@ -4,11 +4,14 @@
     .venv/bin/python scripts/quickstart.py --resume      # continue an interrupted run
 
   1. mine       python -m mining mine with the base model -> RUN/negatives/v000001
-  2. baseline   the base model on the dev split (nDCG@10, Recall@100, MRR@10)
+  2. baseline   the base model on the dev split (nDCG@10, Recall@100, MRR@10); the corpus embeddings
+                come from the mining pass (the run's embedding cache, embedlib.embedding_cache)
   3. train      deepspeed training/main.py --config training/recipes/quickstart.yaml, with
                 python -m mining sidecar --run-dir RUN beside it, re-mining with every export
-  4. evaluate   the trained model (the newest export) on the dev split; print the table
-  5. record     RUN/quickstart.json; the last line printed is `exported: PATH`
+  4. evaluate   the trained model (the newest export) on the dev split, reusing the sidecar's corpus
+                embeddings of that export when it made them; print the table
+  5. record     RUN/quickstart.json and the run's report with its plots (RUN/report/index.html, from
+                embedlib.report); the last line printed is `exported: PATH`
 
 The entrypoints run as subprocesses and talk only through RUN, as they do on a cluster. Without a
 GPU the trainer runs as 2 CPU ranks (DeepSpeed ZeRO-2 over gloo); with GPUs it runs on all of them.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -105,16 +109,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
 
     record = {"status": "running", "argv": argv, "run_dir": str(run_dir), "base_model": str(base_model),
               "data": str(args.data.resolve()), "split": args.split, "max_length": args.max_length,
-              "encode_dtype": dtype, "max_steps": args.max_steps, "gpu": has_gpu, "seconds": {}}
+              "encode_dtype": dtype, "max_steps": args.max_steps, "gpu": has_gpu, "seconds": {}, "cpu_seconds": {},
+              "encoding": {}}
 
     @contextmanager
     def timer(name: str):
-        """Seconds per stage in the record, rewritten after each stage."""
-        start = time.perf_counter()
+        """Seconds per stage in the record, rewritten after each stage: wall seconds, and the CPU seconds
+        of this process and the children it waited for (less dependent on other load of the machine)."""
+        start, cpu = time.perf_counter(), cpu_seconds()
         try:
             yield
         finally:
             record["seconds"][name] = round(time.perf_counter() - start, 1)
+            record["cpu_seconds"][name] = round(cpu_seconds() - cpu, 1)
             atomic_write_json(run_dir / RECORD, record)
 
     try:
@@ -132,11 +139,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
 
         with timer("evaluate_base"):
             say(f"2/4 evaluating the base model on the {args.split} split")
-            record["base"] = evaluate(base_model, args, dtype)
+            record["base"], record["encoding"]["evaluate_base"] = evaluate(base_model, args, dtype, run_dir)
 
         with timer("train"):
             say(f"3/4 training {args.max_steps} steps with the mining sidecar beside it")
             train(args, run_dir, base_model, pairs, corpus, env, has_gpu)
+        record["refreshes"] = mining_passes(run_dir)
 
         export = latest_export(run_dir)
         if export is None or export.step < args.max_steps:
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         record["export"] = str(export.path)
         with timer("evaluate_trained"):
             say(f"4/4 evaluating the trained model on the {args.split} split")
-            record["trained"] = evaluate(export.path, args, dtype)
+            record["trained"], record["encoding"]["evaluate_trained"] = evaluate(export.path, args, dtype, run_dir)
     except BaseException as error:
         record["status"] = "failed"
         record["error"] = str(error) or type(error).__name__
@@ -187,12 +195,40 @@ def train(args: argparse.Namespace, run_dir: Path, base_model: Path, pairs: Path
         raise QuickstartError(f"the mining sidecar exited with status {sidecar_code}; see {run_dir / 'logs' / 'sidecar.log'}")
 
 
-def evaluate(model: Path, args: argparse.Namespace, dtype: str) -> dict:
+def evaluate(model: Path, args: argparse.Namespace, dtype: str, run_dir: Path) -> tuple[dict, dict]:
+    """(retrieval figures, what encoding cost). The corpus embeddings go through the run's embedding cache
+    (its bound too), keyed as the miner keys them: the base model's come from the mining pass, the
+    trained model's from the sidecar's pass over the final export when it made one."""
+    from embedlib.embedding_cache import run_cache_settings
     from embedlib.evaluation import evaluate_model
 
+    cache = run_cache_settings(run_dir)
     results = evaluate_model(model, beir=args.data, split=args.split, max_length=args.max_length, dtype=dtype,
-                             show_progress=not args.no_progress)
-    return results["retrieval"]
+                             show_progress=not args.no_progress, cache_dir=cache.cache_dir, cache_max_gb=cache.max_gb)
+    return results["retrieval"], results["encoding"]
+
+
+def mining_passes(run_dir: Path) -> list[dict]:
+    """What each mining pass of the run did (RUN/mining/refreshes.jsonl), in short."""
+    keys = ("version", "mode", "refresh", "export_step", "encoded_passages", "encode_seconds", "padding_fraction",
+            "search_seconds", "cache_hit")
+    try:
+        lines = (run_dir / "mining" / "refreshes.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    passes = []
+    for line in lines:
+        try:
+            passes.append({key: json.loads(line).get(key) for key in keys})
+        except (ValueError, AttributeError):  # a torn last line
+            continue
+    return passes
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the children it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def print_table(record: dict) -> None:

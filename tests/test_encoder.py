@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from embedlib.encoder import (
+    EncodeStats,
     Encoder,
     EncoderConfig,
     EncoderError,
@@ -142,6 +143,61 @@ def test_encode_equals_per_text_forward_in_input_order(tiny_bert_dir):
     assert encoder.encode([], dim=8, show_progress=False).shape == (0, 8)
     with pytest.raises(EncoderError, match="truncate"):
         encoder.encode(TEXTS, dim=64, show_progress=False)
+
+
+# Texts whose order by characters is not their order by tokens (rare strings split into many pieces).
+UNEVEN = ["the house of the people and the state", "xq zj vk qx jz wq", "a b", "hello world",
+          "pneumonoultramicroscopic", "the cat sat on the mat", "zzxq qqzx", "it is what it is and so on and on"]
+
+
+def _padded_positions(lengths, order, batch_size):
+    return sum(max(lengths[i] for i in order[s : s + batch_size]) * len(order[s : s + batch_size])
+               for s in range(0, len(order), batch_size))
+
+
+def test_encode_batches_by_token_count_with_the_least_padding(tiny_bert_dir):
+    encoder = Encoder.from_pretrained(tiny_bert_dir)
+    lengths = [len(encoder.tokenizer(t)["input_ids"]) for t in UNEVEN]  # each text alone
+    by_tokens = sorted(range(len(UNEVEN)), key=lambda i: -lengths[i])
+    by_chars = sorted(range(len(UNEVEN)), key=lambda i: -len(UNEVEN[i]))
+    least = _padded_positions(lengths, by_tokens, 2)
+    assert least < _padded_positions(lengths, by_chars, 2), "the texts must tell the two batchings apart"
+
+    stats = EncodeStats()
+    embeddings = encoder.encode(UNEVEN, batch_size=2, show_progress=False, stats=stats)
+    assert (stats.texts, stats.tokens, stats.padded_tokens, stats.batches) == (8, sum(lengths), least, 4)
+    assert stats.padding_fraction == pytest.approx(1 - sum(lengths) / least)
+    encoder.encode(UNEVEN[:3], batch_size=2, show_progress=False, stats=stats)  # a second call adds to it
+    assert stats.texts == 11 and stats.seconds > 0
+
+    # Batching decides padding only: each embedding is the text's own, encoded alone, in input order.
+    alone = np.concatenate([encoder.encode([t], show_progress=False) for t in UNEVEN])
+    np.testing.assert_allclose(embeddings, alone, atol=1e-5)
+
+
+def test_encode_pads_as_the_tokenizer_does_left_and_right(tiny_decoder_dir):
+    encoder = Encoder.from_pretrained(tiny_decoder_dir)
+    texts = ["the cat sat on the mat", "hello", "a dog ran far far away", "the world"]
+    with torch.no_grad():
+        alone = torch.cat([encoder(**encoder.tokenize([t])) for t in texts]).numpy()
+    for side in ("left", "right"):
+        encoder.tokenizer.padding_side = side
+        np.testing.assert_allclose(encoder.encode(texts, batch_size=4, show_progress=False), alone, atol=1e-5)
+
+
+def test_minilm_embeddings_do_not_depend_on_the_batching(minilm_dir, scifact_dir):
+    """The real model on real passages and queries: batched by token count, the embeddings equal those of
+    each text encoded alone up to float32 rounding."""
+    from embedlib.records import read_corpus, read_queries
+
+    texts = [d.passage for d in read_corpus(scifact_dir / "corpus.jsonl.gz")[:24]]
+    texts += [q.text for q in read_queries(scifact_dir / "queries.dev.jsonl")[:24]]
+    encoder = Encoder.from_pretrained(minilm_dir, max_length=128)
+    stats = EncodeStats()
+    batched = encoder.encode(texts, batch_size=16, show_progress=False, stats=stats)
+    alone = encoder.encode(texts, batch_size=1, show_progress=False)
+    assert stats.padding_fraction > 0  # the batches held padding, and it did not matter:
+    assert np.abs(batched - alone).max() < 1e-5
 
 
 # ---- save / load -----------------------------------------------------------------------------------

@@ -213,6 +213,8 @@ OPTION_CASES = {
     # argparse's own message; how it quotes the choices differs between Python versions
     "unknown dtype": (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8' (choose from ..."),
     "per-query without beir": (["--per-query"], "--per-query needs --beir (it adds each query's retrieval figures)"),
+    "negative cache bound": (["--cache-max-gb", "-1"], "--cache-max-gb must be >= 0 and finite, got -1.0"),
+    "cache bound not a number": (["--cache-max-gb", "big"], "argument --cache-max-gb: invalid off_or_float value: 'big'"),
 }
 
 
@@ -224,6 +226,13 @@ def test_bad_option_is_one_line(case, capsys, tiny_bert_dir, sts, output, no_mod
         assert line.startswith(f"error: {message[:-3]}")
     else:
         assert line == f"error: {message}"
+
+
+def test_cache_dir_under_a_file(capsys, tiny_bert_dir, beir, tmp_path, output, no_model_load):
+    (tmp_path / "a_file").write_text("x")
+    line = run_failing(capsys, ["--model", str(tiny_bert_dir), "--beir", str(beir),
+                                "--cache-dir", str(tmp_path / "a_file" / "cache")], output)
+    assert line == f"error: cache directory {tmp_path / 'a_file' / 'cache'}: {tmp_path / 'a_file'} exists and is not a directory"
 
 
 def test_neither_beir_nor_sts(capsys, tiny_bert_dir, output, no_model_load):

@@ -48,10 +48,11 @@ def _parse(*args):
 MINE_FLAGS = {"--model", "--run-dir", "--corpus", "--queries", "--k", "--positive-margin", "--score-cap",
               "--query-instruction", "--batch-size", "--max-length", "--query-max-length", "--encode-dtype",
               "--index", "--device", "--nlist", "--nprobe", "--hnsw-m", "--ef-search", "--recall-sample",
-              "--block-rows", "--search-slack", "--max-depth", "--cache-dir", "--launcher", "--threads",
-              "--no-progress"}
+              "--block-rows", "--search-slack", "--max-depth", "--cache-dir", "--cache-max-gb", "--launcher",
+              "--threads", "--no-progress"}
 SIDECAR_FLAGS = {"--run-dir", "--poll-seconds", "--every", "--stop-when-finished", "--keep-cache",
-                 "--keep-versions", "--threads", "--no-progress"}
+                 "--keep-versions", "--full-every", "--partial-depth", "--partial-sample", "--threads",
+                 "--no-progress"}
 
 
 def _subparser(command: str):
@@ -62,7 +63,7 @@ def _flags(command: str) -> set[str]:
     return {s for a in _subparser(command)._actions for s in a.option_strings if s not in ("-h", "--help")}
 
 
-def test_flag_names_are_those_of_before_plus_keep_versions():
+def test_flag_names_are_those_of_before_plus_keep_versions_cache_bound_and_partial_refreshes():
     assert _flags("mine") == MINE_FLAGS
     assert _flags("sidecar") == SIDECAR_FLAGS
 
@@ -74,6 +75,7 @@ def test_cli_defaults_are_the_dataclass_defaults():
     args = _parse("sidecar", "--run-dir", "r")
     assert from_options(SidecarConfig, args) == SidecarConfig(run_dir=Path("r"))
     assert (args.poll_seconds, args.every, args.keep_cache_models, args.keep_versions) == (10.0, 1, 2, 3)
+    assert (args.full_every, args.partial_depth, args.partial_sample) == (1, None, 0.05)
 
 
 def test_a_default_changed_in_the_spec_changes_the_cli(monkeypatch):
@@ -156,6 +158,7 @@ MINE_CASES = [
     ("positive_margin_zero", ["--positive-margin", "0"], "--positive-margin must be > 0"),
     ("positive_margin_negative", ["--positive-margin", "-0.5"], "--positive-margin must be > 0"),
     ("score_cap_nan", ["--score-cap", "nan"], "--score-cap must be a finite number"),
+    ("cache_max_gb_negative", ["--cache-max-gb", "-1"], "--cache-max-gb must be >= 0"),
     ("threads", ["--threads", "0"], "--threads must be >= 1"),
     ("not_a_number", ["--k", "many"], "argument --k: invalid int value: 'many'"),
     ("bad_choice", ["--index", "flat"], "argument --index: invalid choice: 'flat'"),
@@ -251,6 +254,9 @@ SIDECAR_CASES = [
     ("every", ["--every", "0"], "--every must be >= 1"),
     ("keep_cache", ["--keep-cache", "0"], "--keep-cache must be >= 1"),
     ("keep_versions", ["--keep-versions", "0"], "--keep-versions must be >= 1"),
+    ("full_every", ["--full-every", "0"], "--full-every must be >= 1"),
+    ("partial_depth", ["--partial-depth", "0"], "--partial-depth must be >= 1"),
+    ("partial_sample", ["--partial-sample", "1.5"], "--partial-sample must be in [0, 1]"),
     ("threads", ["--threads", "0"], "--threads must be >= 1"),
     ("not_a_number", ["--every", "often"], "argument --every: invalid int value: 'often'"),
 ]

@@ -92,7 +92,17 @@ def test_runs_the_whole_loop_and_ends_with_the_export(finished_run):
         assert record[model]["num_queries"] == 16
         assert 0.0 <= record[model]["ndcg@10"] <= 1.0
     assert record["trained"]["ndcg@10"] != record["base"]["ndcg@10"]  # the evaluated model is the trained one
-    assert set(record["seconds"]) == {"mine", "evaluate_base", "train", "evaluate_trained"}
+    assert set(record["seconds"]) == set(record["cpu_seconds"]) == {"mine", "evaluate_base", "train", "evaluate_trained"}
+    # One embedding cache: the base evaluation encoded only the dev queries, the corpus came from the
+    # mining pass; the trained model's corpus comes from the sidecar's pass over the final export when
+    # the sidecar finished one before it was stopped.
+    encoding = record["encoding"]
+    assert encoding["evaluate_base"]["corpus_rows_encoded"] == 0 and encoding["evaluate_base"]["texts"] == 16
+    assert encoding["evaluate_base"]["corpus_rows_from_cache"] == encoding["evaluate_base"]["corpus_rows"] > 200
+    final_mined = any(r["export_step"] == 4 and r["refresh"] == "full" for r in record["refreshes"])
+    if final_mined:
+        assert encoding["evaluate_trained"]["corpus_rows_encoded"] == 0, record["refreshes"]
+    assert record["refreshes"][0]["mode"] == "mine" and record["refreshes"][0]["encoded_passages"] > 200
 
     # The entrypoints' own records: the trainer ran 2 ranks to the end, mining published with the base model.
     run = json.loads((run_dir / "run.json").read_text())

@@ -365,14 +365,25 @@ def embed(engine, batch: StepBatch) -> RetrievalEmbeddings | STSEmbeddings:
 
 
 def evaluate_export(export_dir: Path, config: Config) -> dict[str, float]:
-    """nDCG@10, Recall@k and MRR@10 of an export on config.evaluation's BEIR split, as eval/<metric>."""
+    """nDCG@10, Recall@k and MRR@10 of an export on config.evaluation's BEIR split, as eval/<metric>, and
+    what its encoding cost, as eval_encoding/<figure>.
+
+    The corpus embeddings go through the run's embedding cache with the miner's settings (RUN/mining/
+    spec.json: cache directory, its bound, encode dtype; embedlib.embedding_cache.run_cache_settings), so
+    an export the sidecar has mined with (same corpus and max length) is not encoded again, and the other
+    way round."""
+    from embedlib.embedding_cache import run_cache_settings
     from embedlib.evaluation import evaluate_model
 
     e = config.evaluation
+    cache = run_cache_settings(config.run_dir)
     results = evaluate_model(export_dir, beir=e.beir, split=e.split, batch_size=e.batch_size,
                              query_instruction=e.query_instruction,
-                             max_length=e.max_length or config.model.max_length, show_progress=False)
-    return {f"eval/{name}": value for name, value in results["retrieval"].items()}
+                             max_length=e.max_length or config.model.max_length, show_progress=False,
+                             dtype=cache.encode_dtype, cache_dir=cache.cache_dir, cache_max_gb=cache.max_gb)
+    encoding = {f"eval_encoding/{name}": results["encoding"][name]
+                for name in ("corpus_rows_encoded", "padding_fraction", "seconds")}
+    return {**{f"eval/{name}": value for name, value in results["retrieval"].items()}, **encoding}
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
