@@ -52,6 +52,10 @@ class ModelConfig:
     max_length: int = 512
     # Run Python code shipped with the model (some LLM backbones need it). Off unless asked.
     trust_remote_code: bool = False
+    # Recompute each layer's activations in backward instead of keeping them (the backbone's Hugging
+    # Face gradient checkpointing, non-reentrant): less memory, about a third more compute. Combines
+    # with train.grad_cache.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -96,6 +100,19 @@ class OptimConfig:
 
 
 @dataclass
+class GradCacheConfig:
+    """Gradient caching (Gao et al. 2021, training/grad_cache.py): the batch is encoded in chunks without
+    gradient, the loss (all ranks' candidates, Matryoshka sizes, all of it) runs on the cached
+    embeddings, then every chunk is encoded again with gradient, replaying its random state so dropout
+    is the same, and back-propagates its embeddings' gradient. The gradient is that of the whole batch;
+    activation memory is that of one chunk, so the batch size is bounded by compute, not memory. Costs
+    one more forward per text."""
+
+    # Texts per chunk, for every group a rank encodes (queries, passages, STS sentences); None: off.
+    chunk_size: int | None = None
+
+
+@dataclass
 class TrainConfig:
     # Optimizer steps in the whole run (a resumed run continues to this step).
     max_steps: int = 1000
@@ -119,6 +136,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Show the progress bar (rank 0 only).
     progress: bool = True
+    grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
 
 
 @dataclass
@@ -369,6 +387,8 @@ def validate(config: Config, source: str) -> None:
     require(loss.temperature > 0, "loss.temperature", "must be positive")
     require(loss.cosent_scale > 0, "loss.cosent_scale", "must be positive")
     require(loss.cbb_beta >= 0, "loss.cbb_beta", "must not be negative")
+    require(loss.false_negative_margin is None or loss.false_negative_margin >= 0, "loss.false_negative_margin",
+            "must not be negative (null: no masking)")
     dims = loss.matryoshka_dims
     if dims is not None:
         require(len(dims) > 0 and all(d >= 1 for d in dims), "loss.matryoshka_dims",
@@ -393,6 +413,8 @@ def validate(config: Config, source: str) -> None:
         require(getattr(t, key) >= 1, f"train.{key}", "must be at least 1")
     require(t.data_cache is None or (bool(t.data_cache) and not Path(t.data_cache).is_file()),
             "train.data_cache", "must be auto, a directory or null")
+    require(t.grad_cache.chunk_size is None or t.grad_cache.chunk_size >= 1, "train.grad_cache.chunk_size",
+            "must be at least 1 (null: no gradient cache)")
 
     n = config.negatives
     require(n.check_interval >= 1, "negatives.check_interval", "must be at least 1")

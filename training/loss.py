@@ -25,11 +25,26 @@ flows through this rank's embeddings. Hence
 A kind with no rank at a step (random_task mode) contributes nothing. All collectives run in the
 forward pass, none in backward: an STS rank's loss does not use the gathered tensors, so it would
 never run a gradient-keeping gather's backward collective and the retrieval ranks would wait for it.
+(It is also what lets training/grad_cache.py take this loss's gradient with respect to cached
+embeddings on every rank with no collective.)
 Classic mistakes, each caught by tests/test_cbb_gradients.py: dropping the factor W
 (gradients W times too small); a gradient-keeping gather (whose backward already sums all ranks'
 gradients) plus the full global loss times W on every rank (W times too large); a gather without
 gradient plus only the local queries' loss (the loss value is right, the gradient through other
 ranks' queries is lost).
+
+In-batch false negatives (loss.false_negative_margin = m, off by default). A batch of thousands of
+queries holds candidates that are in fact relevant to a query: another query's positive (SciFact's
+claims often cite the same abstract), a hard negative that is a copy of the positive. With m set, a
+candidate c of query i other than its own positive is left out of the query's denominator when
+s_ic > s_ii + m (s_ii: the query's score with its own positive), or when c's text equals the text of
+i's positive (the mask of Qwen3-Embedding, Zhang et al. 2025). Scores are those of the full-size
+embeddings, computed without gradient on the gathered candidates of all ranks, and the same mask
+applies at every Matryoshka size; texts are compared through keys (RetrievalEmbeddings.positive_keys,
+negative_keys: a hash of each passage's token ids, training/grad_cache.text_keys) gathered with the
+embeddings, so two texts are equal when the model sees the same tokens. Every rank builds the same
+mask from the same gathered values, so the loss stays one global L; StepLoss.masked counts the
+(query, candidate) pairs left out.
 """
 from __future__ import annotations
 
@@ -51,6 +66,10 @@ class LossConfig:
     cosent_scale: float = 20.0  # CoSENT scale (the inverse of its temperature)
     cbb_beta: float = 0.8  # weight beta of the STS (CoSENT) term in the CBB loss
     matryoshka_dims: list[int] | None = None  # output sizes the loss is averaged over; None: full dimension only
+    # In-batch false negatives: a candidate other than the query's own positive that scores above the
+    # positive's score plus this margin, or whose text equals the positive's, is left out of the query's
+    # denominator (module docstring). Cosine units (Qwen3-Embedding uses 0.1); None: no masking.
+    false_negative_margin: float | None = None
 
 
 @dataclass
@@ -60,6 +79,9 @@ class RetrievalEmbeddings:
     query: Tensor  # [n, D]
     positive: Tensor  # [n, D]
     negatives: Tensor  # [n, m, D], m >= 0 (m = 0: in-batch negatives only)
+    # Text identity of each passage (int64, equal for equal texts), needed with false_negative_margin.
+    positive_keys: Tensor | None = None  # [n]
+    negative_keys: Tensor | None = None  # [n, m]
 
 
 @dataclass
@@ -77,17 +99,37 @@ class StepLoss:
     value: float  # the global L, identical on every rank (for logging)
     per_task_kind: dict[str, float]  # global unweighted term of each kind that has ranks this step
     negative_scores: Tensor | None  # [n, m] detached similarity of each local query with its own hard negatives
+    masked: int | None = None  # with false_negative_margin: (query, candidate) pairs masked this step, all ranks
 
 
-def info_nce(query: Tensor, positive: Tensor, negatives: Tensor | None = None, temperature: float = 0.02) -> Tensor:
+def info_nce(query: Tensor, positive: Tensor, negatives: Tensor | None = None, temperature: float = 0.02,
+             mask: Tensor | None = None) -> Tensor:
     """Mean over queries of -log softmax(s/t) at the query's own positive.
 
     query, positive: [Q, D]; negatives: [K, D], a pool shared by all queries. The candidates of
-    query i are all Q positives (its own plus the in-batch ones) and all K negatives.
+    query i are all Q positives (its own plus the in-batch ones) and all K negatives. mask: [Q, Q + K]
+    bool, True where a candidate is left out of that query's denominator (never its own positive).
     """
     candidates = positive if negatives is None else torch.cat([positive, negatives])
     logits = query @ candidates.T / temperature
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(query), device=query.device))
+
+
+def false_negative_mask(query: Tensor, positive: Tensor, negatives: Tensor, positive_keys: Tensor,
+                        negative_keys: Tensor, margin: float) -> Tensor:
+    """[Q, Q + K] bool: the candidates (positives, then negatives) left out of each query's denominator:
+    those scoring above the query's own positive plus `margin`, and those whose key equals the key of the
+    query's positive; never the query's own positive. Computed without gradient."""
+    with torch.no_grad():
+        candidates = torch.cat([positive, negatives])
+        scores = query @ candidates.T
+        own = (query * positive).sum(-1, keepdim=True)
+        mask = scores > own + margin
+        mask |= torch.cat([positive_keys, negative_keys])[None, :] == positive_keys[:, None]
+        mask.fill_diagonal_(False)  # the first Q columns are the positives: column i is query i's own
+    return mask
 
 
 def cosent(first: Tensor, second: Tensor, score: Tensor, scale: float = 20.0) -> Tensor:
@@ -134,14 +176,20 @@ def cbb_step_loss(
     full_dim = (local.query if isinstance(local, RetrievalEmbeddings) else local.first).shape[-1]
     sizes = matryoshka_sizes(cfg, full_dim)
     # Scored in float32 whatever the training dtype: logits / 0.02 are too coarse in bf16.
+    masking = cfg.false_negative_margin is not None
     if isinstance(local, RetrievalEmbeddings):
         query, positive = local.query.float(), local.positive.float()
         negatives = local.negatives.float().reshape(-1, full_dim)
         negative_scores = torch.einsum("nd,nmd->nm", local.query, local.negatives).detach()
         own_sts_loss = None
+        if masking:
+            if local.positive_keys is None or local.negative_keys is None:
+                raise ValueError("false_negative_margin needs the passages' text keys (positive_keys, negative_keys)")
+            keys = torch.cat([local.positive_keys.reshape(-1), local.negative_keys.reshape(-1)]).to(torch.int64)
     else:  # an STS rank takes part in the gathers with no rows
         query = positive = negatives = local.first.new_zeros(0, full_dim, dtype=torch.float32)
         negative_scores = None
+        keys = torch.zeros(0, dtype=torch.int64, device=query.device)
         first, second = local.first.float(), local.second.float()
         own_sts_loss = sum(
             cosent(truncate(first, d), truncate(second, d), local.score, cfg.cosent_scale) for d in sizes
@@ -156,12 +204,20 @@ def cbb_step_loss(
 
     per_task_kind: dict[str, float] = {}
     loss = query.new_zeros(())
+    mask, masked = None, (0 if masking else None)
     if num_retrieval:
         all_query, all_positive, all_negatives = _gather_retrieval(
             query, positive, negatives, sizes_of_rank, world_size, rank
         )
+        if masking:
+            all_keys = _gather_keys(keys, sizes_of_rank, world_size)
+            num_queries = len(all_query)
+            mask = false_negative_mask(all_query, all_positive, all_negatives, all_keys[:num_queries],
+                                       all_keys[num_queries:], cfg.false_negative_margin)
+            masked = int(mask.sum())
         retrieval_loss = sum(
-            info_nce(truncate(all_query, d), truncate(all_positive, d), truncate(all_negatives, d), cfg.temperature)
+            info_nce(truncate(all_query, d), truncate(all_positive, d), truncate(all_negatives, d), cfg.temperature,
+                     mask)
             for d in sizes
         ) / len(sizes)
         per_task_kind["retrieval"] = retrieval_loss.item()
@@ -173,7 +229,8 @@ def cbb_step_loss(
             loss = loss + cfg.cbb_beta * own_sts_loss / num_sts
 
     value = per_task_kind.get("retrieval", 0.0) + cfg.cbb_beta * per_task_kind.get("sts", 0.0)
-    return StepLoss(loss=world_size * loss, value=value, per_task_kind=per_task_kind, negative_scores=negative_scores)
+    return StepLoss(loss=world_size * loss, value=value, per_task_kind=per_task_kind, negative_scores=negative_scores,
+                    masked=masked)
 
 
 def _world(world_size: int | None) -> tuple[int, int]:
@@ -252,3 +309,18 @@ def _gather_retrieval(
         positives.append(p)
         negative_pools.append(neg)
     return torch.cat(queries), torch.cat(positives), torch.cat(negative_pools)
+
+
+def _gather_keys(keys: Tensor, sizes_of_rank: list[tuple[int, int]], world_size: int) -> Tensor:
+    """Text keys of all ranks' candidates in the order of _gather_retrieval: every rank's positives,
+    then every rank's negatives (each rank's keys: its n positives, then its k negatives)."""
+    if world_size > 1:
+        rows = max(n + k for n, k in sizes_of_rank)
+        padded = torch.cat([keys, keys.new_zeros(rows - len(keys))])
+        gathered = _all_gather_rows(padded[None], world_size)
+        per_rank = [gathered[r, : n + k] for r, (n, k) in enumerate(sizes_of_rank)]
+    else:
+        per_rank = [keys]
+    positives = [part[:n] for part, (n, _) in zip(per_rank, sizes_of_rank)]
+    negatives = [part[n:] for part, (n, _) in zip(per_rank, sizes_of_rank)]
+    return torch.cat(positives + negatives)

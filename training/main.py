@@ -10,7 +10,9 @@ The run directory (config `run_dir`):
                           (running, completed, preempted, failed), first and final step, exports
     RUN/metrics.jsonl     one JSON object per optimizer step: step, loss, loss/<task kind>, lr,
                           samples, samples_per_s, step_time_s, negatives_version (per data set),
-                          tasks (per rank); at dynamic-negatives checks also negatives/<data set>/
+                          tasks (per rank); with loss.false_negative_margin also
+                          masked_false_negatives (the (query, candidate) pairs of all ranks left out
+                          of a denominator at that step); at dynamic-negatives checks also negatives/<data set>/
                           {stale, replaced, mean_score, unobserved, version, export_age_steps} and
                           negatives/sidecar_alive
     RUN/eval.jsonl        with evaluation.beir: one JSON object per evaluation of an export on that
@@ -45,7 +47,9 @@ computes the same losses as an uninterrupted one (tests/test_training_runs.py).
 
 Every step every rank does exactly two encoder forwards (retrieval: queries, then positives and
 negatives together; STS: first, then second sentences), whatever its task: ZeRO-3 gathers
-parameters collectively per forward, so the ranks' forward counts must agree.
+parameters collectively per forward, so the ranks' forward counts must agree. With
+train.grad_cache.chunk_size (training/grad_cache.py) each group is encoded in chunks, twice, and the
+ranks agree on a common number of chunk forwards and backwards per step, padding with one-text forwards.
 """
 from __future__ import annotations
 
@@ -80,9 +84,9 @@ from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, 
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (Config, ConfigError, build_ds_config, check_evaluation_data, check_model, load_config,
                              to_dict)
-from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
-                           prefetch_steps)
-from training.loss import RetrievalEmbeddings, STSEmbeddings, StepLoss, cbb_step_loss
+from training.data import SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader, prefetch_steps
+from training.grad_cache import backward_step
+from training.loss import StepLoss
 from training.negatives_runtime import NegativesRuntime
 from training.schedule import assign_tasks
 
@@ -225,6 +229,10 @@ def build_engine(config: Config, model_path: Path, ds_config: dict):
     m = config.model
     encoder = Encoder.from_pretrained(model_path, pooling=m.pooling, output_dim=m.output_dim, normalize=m.normalize,
                                       max_length=m.max_length, trust_remote_code=m.trust_remote_code)
+    if m.gradient_checkpointing:
+        if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it")
+        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     o = config.optim
     decay = [p for p in encoder.parameters() if p.ndim >= 2]  # no decay on biases and norms
     no_decay = [p for p in encoder.parameters() if p.ndim < 2]
@@ -308,6 +316,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
                        "lr": lr, "samples": samples, "samples_per_s": samples / (now - last),
                        "step_time_s": now - last, "tasks": list(batch.assignment), "time": time.time(),
                        **negatives.after_step(step, batch, out.negative_scores)}
+            if out.masked is not None:
+                figures["masked_false_negatives"] = out.masked
             if rank == 0:
                 metrics.log(figures)
                 progress.update(figures)
@@ -338,30 +348,18 @@ class LossNotFinite(RuntimeError):
 
 
 def train_step(engine, batch: StepBatch, kinds: list[str], config: Config) -> StepLoss:
-    """One optimizer step on this rank's batch; `kinds` is every rank's loss kind for the step."""
-    out = cbb_step_loss(embed(engine, batch), kinds, config.loss, dist.get_world_size())
-    if not math.isfinite(out.value):  # the same global value on every rank: all ranks stop here
-        raise LossNotFinite(f"step {batch.step + 1}: the loss is {out.value}; the run stops without taking the "
-                            f"step (optim.lr={config.optim.lr:g}, loss.temperature={config.loss.temperature:g}; "
-                            f"the newest checkpoint in {config.run_dir} is intact)")
-    engine.backward(out.loss)
+    """One optimizer step on this rank's batch; `kinds` is every rank's loss kind for the step. The
+    forwards, the CBB loss and the backward: training/grad_cache.py, plain or through the gradient cache."""
+
+    def stop_if_not_finite(out: StepLoss) -> None:  # before any gradient exists
+        if not math.isfinite(out.value):  # the same global value on every rank: all ranks stop here
+            raise LossNotFinite(f"step {batch.step + 1}: the loss is {out.value}; the run stops without taking the "
+                                f"step (optim.lr={config.optim.lr:g}, loss.temperature={config.loss.temperature:g}; "
+                                f"the newest checkpoint in {config.run_dir} is intact)")
+
+    out = backward_step(engine, batch, kinds, config.loss, config.train.grad_cache.chunk_size, stop_if_not_finite)
     engine.step()
     return out
-
-
-def embed(engine, batch: StepBatch) -> RetrievalEmbeddings | STSEmbeddings:
-    """This rank's embeddings for its batch: always two forwards (see the module docstring)."""
-    device = engine.device
-
-    def forward(inputs: dict) -> torch.Tensor:
-        return engine(**{k: v.to(device) for k, v in inputs.items()})
-
-    if not isinstance(batch, RetrievalBatch):
-        return STSEmbeddings(forward(batch.first), forward(batch.second), batch.score.to(device))
-    query = forward(batch.query)
-    passages = forward(batch.passages)
-    n, m = len(query), batch.num_negatives
-    return RetrievalEmbeddings(query, passages[:n], passages[n:].reshape(n, m, passages.shape[-1]))
 
 
 def evaluate_export(export_dir: Path, config: Config) -> dict[str, float]:
