@@ -61,6 +61,18 @@ COVERAGE: dict[str, list[tuple[str, str]]] = {
         ("tests/test_training_runs.py", '"torchrun"'), (HERE, "def test_trainer_commands_parse")],
     "mpiexec -n 4 python -m mining mine --model /models/bge-base-en-v1.5 --corpus my/corpus.jsonl "
     "--queries my/generated/pairs.jsonl --run-dir runs/my-run": [("tests/test_mining_distributed.py", '"mpiexec"')],
+    "deepspeed training/main.py --config training/recipes/quickstart.yaml run_dir=runs/my-run data.0.batch_size=512 "
+    "train.grad_cache.chunk_size=64 loss.false_negative_margin=0.1": [
+        ("tests/test_grad_cache.py", "def test_resumed_run_with_the_cache_equals_straight_run"),
+        (HERE, "def test_trainer_commands_parse")],
+    "python -m mining sidecar --run-dir runs/my-run --full-every 5": [
+        ("tests/test_mining_refresh.py", "def test_every_third_pass_is_full"), ("tests/test_mining_cli.py", '"--full-every"')],
+    "python -m embedlib.report runs/my-run runs/other-run --output runs/my-run/report": [
+        ("tests/test_report.py", '"-m", "embedlib.report"')],
+    "make gpu-wheels": [(HERE, "def test_make_targets")],
+    "make gpu-check GPU_CHECK_OUT=runs/gpu_check": [(HERE, "def test_make_targets")],
+    ".venv/bin/python bench/gpu_check.py --dry-run --out runs/gpu_check_dry": [
+        ("tests/test_gpu_check.py", "def test_dry_run_runs_every_section_on_the_cpu")],
 }
 
 
@@ -131,6 +143,10 @@ def test_make_targets_run_what_the_readme_says():
     index = cuda[2].removeprefix("TORCH_PIP_ARGS=")
     torch_install = [line for line in dry_run(cuda, "-B").splitlines() if '"torch==' in line]
     assert torch_install and index in torch_install[0], torch_install  # -B: as if nothing were installed
+    (wheels,) = commands_starting("make gpu-wheels")
+    assert dry_run(wheels).strip().splitlines()[-1] == ".venv/bin/python bench/gpu_check.py --make-wheels .whl"
+    (check,) = commands_starting("make gpu-check")
+    assert dry_run(check).strip().splitlines()[-1] == "python3 bench/gpu_check.py --wheels .whl --out runs/gpu_check"
 
 
 def _quickstart_module():
