@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 # torch goes in first and alone, so that nothing later pulls a multi-GB CUDA build by accident.
 # Without a GPU: TORCH_SPEC (a CPU wheel on this project's machines). Elsewhere, pass the CPU
 # index, e.g. `make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`.
-# With a GPU (nvidia-smi works): the CUDA build from PyPI and faiss-gpu instead of faiss-cpu.
+# With a GPU, pass the CUDA index of your driver's CUDA. Exact search runs on the GPUs through torch
+# whatever FAISS build is installed (embedlib/search.py); FAISS_GPU=faiss-gpu-cu12 replaces faiss-cpu
+# by a FAISS GPU build (CUDA 12 only) for GPU approximate indexes too.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+FAISS_GPU ?=
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -29,9 +31,9 @@ install: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-ifeq ($(HAS_GPU),1)
+ifneq ($(FAISS_GPU),)
 	grep -v '^faiss-cpu' requirements.txt > $(VENV)/requirements.gpu.txt
-	$(PIP) install -q -r $(VENV)/requirements.gpu.txt faiss-gpu-cu12
+	$(PIP) install -q -r $(VENV)/requirements.gpu.txt "$(FAISS_GPU)"
 else
 	$(PIP) install -q -r requirements.txt
 endif
