@@ -30,9 +30,10 @@ import urllib.parse
 from pathlib import Path
 
 from embedlib.logs import route_logs
-from embedlib.records import RecordError, read_corpus
+from embedlib.records import RecordError
 
 from .backends import HttpConfig, LocalConfig, OpenAIBackend, TransformersBackend
+from .corpus import ShardCorpus
 from .job import Job, JobConfig
 from .output import OutputConflict
 from .redact import hide_url_credentials, split_credentials, without_credentials
@@ -193,21 +194,22 @@ def check_device(device: str | None) -> None:
         raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def read_inputs(args: argparse.Namespace) -> tuple[list, list]:
-    """(templates, corpus documents); UsageError naming the option or the file, line and field."""
+def read_inputs(args: argparse.Namespace) -> tuple[list, ShardCorpus]:
+    """(templates, this shard's corpus: every record checked in one streaming pass, texts not kept);
+    UsageError naming the option or the file, line and field."""
     try:
         templates = load_templates(template_names(args.templates), args.language, args.template_dir)
     except (ValueError, OSError) as e:
         raise UsageError(f"--templates: {e}") from None
     try:
-        docs = read_corpus(args.corpus)
+        corpus = ShardCorpus(args.corpus, args.shard, args.num_shards, args.max_docs)
     except RecordError as e:  # names the file, line and field
         raise UsageError(str(e)) from None
     except (ValueError, OSError, EOFError) as e:  # e.g. a truncated .gz
         raise UsageError(f"{args.corpus}: {getattr(e, 'strerror', None) or e}") from None
-    if not docs:
+    if not corpus.num_docs:
         raise UsageError(f"{args.corpus}: no documents (the corpus is empty): nothing to generate from")
-    return templates, docs
+    return templates, corpus
 
 
 def refuse(error: Exception) -> int:
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             backend = http_backend(args)
         else:
             check_device(args.device)
-        templates, docs = read_inputs(args)
+        templates, corpus = read_inputs(args)
         if args.backend == "transformers":
             backend = local_backend(args)
     except UsageError as e:
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         num_shards=args.num_shards, max_docs=args.max_docs, concurrency=concurrency, chunk_size=args.chunk_size,
         flush_seconds=args.flush_seconds, max_failures=args.max_failures,
         max_passage_chars=args.max_passage_chars, roundtrip_encoder=args.roundtrip_encoder,
-        roundtrip_k=args.roundtrip_k, show_progress=not args.no_progress), backend, docs, templates)
+        roundtrip_k=args.roundtrip_k, show_progress=not args.no_progress), backend, corpus, templates)
     try:
         state = asyncio.run(_run(job, backend))
     except (OutputConflict, RecordError) as e:  # another job's directory; damaged files in it

@@ -5,11 +5,9 @@ import io
 import re
 import unicodedata
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from embedlib.records import Document
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -61,33 +59,35 @@ class Deduplicator:
 class RoundTripFilter:
     """A generated query must retrieve its source passage within the top k of the whole corpus.
 
-    The corpus is encoded once (cached next to the output, keyed by model and corpus fingerprints, so
-    restarts and the other shards of an array job reuse it).
+    The corpus (data_gen.corpus.ShardCorpus: its passages are streamed from the file, a block at a time)
+    is encoded once (cached next to the output, keyed by model and corpus fingerprints, so restarts and
+    the other shards of an array job reuse it); only its embeddings are held.
     """
 
-    def __init__(self, encoder_path: str | Path, docs: Sequence[Document], k: int, cache_dir: Path,
-                 batch_size: int = 64, device: str | None = None):
+    def __init__(self, encoder_path: str | Path, corpus, k: int, cache_dir: Path,
+                 batch_size: int = 64, device: str | None = None, block_rows: int = 8192):
         from embedlib.atomic import atomic_write_bytes, atomic_write_json
         from embedlib.encoder import Encoder, model_fingerprint
-        from embedlib.records import corpus_fingerprint
 
         self.k = k
         self.encoder = Encoder.from_pretrained(encoder_path)
         self.device = device
         self.batch_size = batch_size
-        self.row_of = {doc.id: row for row, doc in enumerate(docs)}
-        fingerprint = f"{model_fingerprint(encoder_path)[:16]}-{corpus_fingerprint(docs)[:16]}"
+        fingerprint = f"{model_fingerprint(encoder_path)[:16]}-{corpus.fingerprint[:16]}"
         cache = Path(cache_dir) / f"roundtrip-corpus-{fingerprint}.npy"
         if cache.exists():
             self.corpus_emb = np.load(cache, allow_pickle=False)
         else:
-            self.corpus_emb = self.encoder.encode([d.passage for d in docs], batch_size=batch_size, device=device)
+            blocks = [self.encoder.encode(block, batch_size=batch_size, device=device, show_progress=False)
+                      for block in corpus.iter_passages(block_rows)]
+            self.corpus_emb = np.concatenate(blocks) if blocks else np.zeros((0, self.encoder.embedding_dim), np.float32)
             buffer = io.BytesIO()
             np.save(buffer, self.corpus_emb, allow_pickle=False)
             atomic_write_bytes(cache, buffer.getvalue())
-            atomic_write_json(cache.with_suffix(".json"), {"encoder": str(encoder_path), "num_docs": len(docs)})
+            atomic_write_json(cache.with_suffix(".json"), {"encoder": str(encoder_path), "num_docs": corpus.num_docs})
 
-    def passes(self, queries: list[str], source_ids: list[str]) -> list[bool]:
+    def passes(self, queries: list[str], source_rows: list[int]) -> list[bool]:
+        """Whether each query retrieves its source passage (by corpus row) within the top k."""
         from embedlib.search import exact_search
 
         if not queries:
@@ -95,4 +95,4 @@ class RoundTripFilter:
         query_emb = self.encoder.encode(queries, batch_size=self.batch_size, device=self.device,
                                         show_progress=False)
         _, ids = exact_search(self.corpus_emb, query_emb, min(self.k, len(self.corpus_emb)))
-        return [self.row_of[source] in set(np.asarray(row).tolist()) for row, source in zip(ids, source_ids)]
+        return [source in set(np.asarray(row).tolist()) for row, source in zip(ids, source_rows)]

@@ -8,7 +8,6 @@ and fsyncs it. Only the writer touches files and the de-duplication state, so th
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 import time
@@ -23,6 +22,7 @@ from embedlib.records import Document
 from rich.progress import TextColumn
 
 from .backends import FatalBackendError, Generation, GenerationFailed
+from .corpus import ShardCorpus, stable_hash, shard_of  # noqa: F401 - shard_of: the job's sharding, tested
 from .filters import Deduplicator, RoundTripFilter, language_ok
 from .output import FAILED, REJECTED, WRITTEN, Key, OutputPaths, OutputWriter, ResumeState, ShardLock
 from .templates import Rejected, Template, parse_reply
@@ -55,21 +55,14 @@ class JobConfig:
     show_progress: bool = True
 
 
-def stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process and on every machine (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-
-
-def shard_of(doc_id: str, num_shards: int) -> int:
-    return stable_hash(doc_id) % num_shards
-
-
 @dataclass(frozen=True)
 class WorkItem:
     doc: Document
     template: Template
     sample_index: int
     seed: int
+    row: int = -1  # the passage's corpus row
+    duplicate_of: str | None = None  # an earlier passage (in any shard) has the same text: not generated from
 
     @property
     def key(self) -> Key:
@@ -97,14 +90,15 @@ class RunCounts:
 
 
 class Job:
-    def __init__(self, config: JobConfig, backend: Backend, docs: list[Document], templates: list[Template]):
+    def __init__(self, config: JobConfig, backend: Backend, corpus: ShardCorpus, templates: list[Template]):
+        """corpus: this shard's passages (config.shard of config.num_shards, the first max_docs), streamed
+        from the corpus file whenever they are needed."""
         self.config = config
         self.backend = backend
         self.templates = templates
-        self.all_docs = docs
-        self.docs = [d for d in docs if shard_of(d.id, config.num_shards) == config.shard][:config.max_docs]
+        self.corpus = corpus
         self.paths = OutputPaths.for_shard(config.output_dir, config.shard, config.num_shards)
-        self.total = len(self.docs) * len(templates) * config.samples
+        self.total = len(corpus) * len(templates) * config.samples
         self.counts = RunCounts()
         self.dedup = Deduplicator()
         self.roundtrip: RoundTripFilter | None = None
@@ -114,15 +108,18 @@ class Job:
     # -- work ------------------------------------------------------------------------------------
 
     def _items(self, state: ResumeState) -> Iterator[WorkItem]:
-        for doc in self.docs:
+        for passage in self.corpus:
+            doc = passage.doc
             for template in self.templates:
                 for i in range(self.config.samples):
                     key = (doc.id, template.name, i)
                     if not state.is_final(key):
                         seed = stable_hash(f"{self.config.seed}\0{doc.id}\0{template.name}\0{i}") % 2 ** 31
-                        yield WorkItem(doc, template, i, seed)
+                        yield WorkItem(doc, template, i, seed, passage.row, passage.duplicate_of)
 
     async def _process(self, item: WorkItem) -> Outcome:
+        if item.duplicate_of is not None:  # decided from the corpus alone: the same in every shard and run
+            return Outcome(item, REJECTED, reason="duplicate", detail=f"same passage as {item.duplicate_of!r}")
         if not item.doc.passage.strip():
             return Outcome(item, REJECTED, reason="empty_passage")
         messages = item.template.render(item.doc, self.config.max_passage_chars)
@@ -170,7 +167,7 @@ class Job:
         if self.roundtrip is not None:
             checked = [o for o in candidates if o.item.template.kind != "sts"]
             queries = [o.fields.get("query") or o.fields["title"] for o in checked]
-            passed = await asyncio.to_thread(self.roundtrip.passes, queries, [o.item.doc.id for o in checked])
+            passed = await asyncio.to_thread(self.roundtrip.passes, queries, [o.item.row for o in checked])
             for outcome, ok in zip(checked, passed):
                 if not ok:
                     outcome.status, outcome.reason = REJECTED, "roundtrip"
@@ -216,13 +213,14 @@ class Job:
         self.counts.torn_lines_cut = state.torn_lines
         for fields in state.written_fields:
             self.dedup.add(fields)
-        self.counts.skipped = sum(1 for d in self.docs for t in self.templates for i in range(self.config.samples)
-                                  if state.is_final((d.id, t.name, i)))
+        self.counts.skipped = sum(1 for p in self.corpus for t in self.templates for i in range(self.config.samples)
+                                  if state.is_final((p.doc.id, t.name, i)))
         if self.config.roundtrip_encoder:
-            self.roundtrip = RoundTripFilter(self.config.roundtrip_encoder, self.all_docs, self.config.roundtrip_k,
+            self.roundtrip = RoundTripFilter(self.config.roundtrip_encoder, self.corpus, self.config.roundtrip_k,
                                              cache_dir=self.paths.directory)
-        log.info("shard %d/%d: %d passages, %d work items, %d already done", self.config.shard,
-                 self.config.num_shards, len(self.docs), self.total, self.counts.skipped)
+        log.info("shard %d/%d: %d passages (%d duplicates of earlier ones), %d work items, %d already done",
+                 self.config.shard, self.config.num_shards, len(self.corpus), len(self.corpus.duplicate_of),
+                 self.total, self.counts.skipped)
 
         items = self._items(state)
         # Unbounded, so that ending never blocks: outcomes pile up only while the writer fsyncs.
@@ -318,10 +316,10 @@ class Job:
         """The machine-readable record of this run and of the shard's output as a whole."""
         c = self.counts
         by_template: dict[str, Counter] = defaultdict(Counter)
-        for doc in self.docs:
+        for passage in self.corpus:
             for template in self.templates:
                 for i in range(self.config.samples):
-                    by_template[template.name][state.outcome.get((doc.id, template.name, i), "pending")] += 1
+                    by_template[template.name][state.outcome.get((passage.doc.id, template.name, i), "pending")] += 1
         totals = Counter()
         for counter in by_template.values():
             totals.update(counter)
@@ -331,7 +329,8 @@ class Job:
             "message": self.message,
             "shard": self.config.shard,
             "num_shards": self.config.num_shards,
-            "passages": len(self.docs),
+            "passages": len(self.corpus),
+            "duplicate_passages": len(self.corpus.duplicate_of),
             "work_items": self.total,
             "this_run": {
                 "skipped": c.skipped,

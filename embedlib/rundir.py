@@ -35,6 +35,7 @@ NEGATIVES = "negatives"
 MINING = "mining"
 LOGS = "logs"
 TENSORBOARD = "tensorboard"
+DATA_CACHE = "data_cache"  # the data files as memory-mapped Arrow (embedlib/record_cache.py), train.data_cache "auto"
 
 # Prefixes of the hidden entries a writer or a remover leaves while it works; a process killed midway
 # leaves them behind, and the owner of the directory removes them later.

@@ -4,10 +4,13 @@
               RUN/negatives, and write RUN/mining/spec.json for the sidecar. Runs under mpirun/mpiexec,
               srun (mpi4py) or torchrun as well: each rank encodes and searches one shard of the corpus.
     sidecar   beside the trainer: mine with every new export in RUN/exports (see mining/sidecar.py).
+    filter-pairs  keep the pairs whose query and positives a model scores at least --min-score (cosine),
+              written to --output with a JSON record of the scores (see mining/filter_pairs.py); sharded
+              across ranks like mine.
 
 Bad input (an option out of range, a missing, empty or malformed input file, a model path that is no
 model) ends with one line `mining: error: ...` and exit status 2, before any model is loaded and with
-nothing written. The options of both commands are MiningSpec's and SidecarConfig's fields
+nothing written. The options of the commands are MiningSpec's, SidecarConfig's and FilterSpec's fields
 (mining/options.py), plus --model, --run-dir, --launcher, --threads and --no-progress. The console
 shows progress bars, warnings and a pass's one-line summary (embedlib/logs.py).
 """
@@ -32,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mining.filter_pairs import FilterSpec
     from mining.sidecar import SidecarConfig
 
     parser = _Parser(prog="python -m mining", description=__doc__.split("\n\n")[0])
@@ -48,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     sidecar = commands.add_parser("sidecar", help="mine with each new export of a running trainer")
     add_options(sidecar, SidecarConfig)
 
-    for command in (mine, sidecar):
+    filter_pairs = commands.add_parser("filter-pairs", help="keep the pairs a model scores at least --min-score")
+    filter_pairs.add_argument("--model", required=True, type=Path, help="encoder export, Hugging Face model "
+                              "directory, or package:<name>")
+    add_options(filter_pairs, FilterSpec)
+    filter_pairs.add_argument("--launcher", choices=LAUNCHERS, default="auto")
+
+    for command in (mine, sidecar, filter_pairs):
         command.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS")
         command.add_argument("--no-progress", action="store_true")
     return parser
@@ -78,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(_named(e, SidecarConfig))
         return 0
 
+    if args.command == "filter-pairs":
+        return _filter_pairs(args)
+
     from mining.distributed import make_comm
     from mining.job import mine
 
@@ -95,6 +108,31 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_named(e, MiningSpec), quiet=comm.rank != 0)
     except BaseException:
         comm.abort()  # do not leave the other ranks waiting in a collective
+        raise
+    comm.close()
+    return 0
+
+
+def _filter_pairs(args) -> int:
+    from mining.distributed import make_comm
+    from mining.filter_pairs import FilterSpec, filter_pairs
+
+    try:
+        spec = from_options(FilterSpec, args)  # options first: a bad one needs no launcher
+    except MiningError as e:
+        return _fail(_named(e, FilterSpec))
+    comm = make_comm(args.launcher)
+    if comm.rank != 0:
+        route_logs()
+    try:
+        record = filter_pairs(spec, args.model, comm, show_progress=not args.no_progress)
+        if comm.rank == 0:
+            print(f"kept {record['kept']} of {record['pairs']} pairs: {spec.output} (record: {spec.record})")
+    except (MiningError, RecordError) as e:  # every rank reads the same inputs and fails alike
+        comm.close()
+        return _fail(_named(e, FilterSpec), quiet=comm.rank != 0)
+    except BaseException:
+        comm.abort()
         raise
     comm.close()
     return 0

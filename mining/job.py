@@ -172,7 +172,7 @@ def check_inputs(spec: MiningSpec, run_dir: str | os.PathLike) -> MiningInputs:
     for path, what in ((run_dir, "run directory"), (NegativeStore(run_dir).root, "negative store"),
                        (mining_dir(run_dir), "mining directory"), (cache_root(spec, run_dir), "cache directory")):
         _check_directory(path, what)
-    inputs = load_inputs(spec)
+    inputs = load_inputs(spec, run_dir)
     check_run_dir(run_dir, inputs)
     return inputs
 

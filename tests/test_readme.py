@@ -69,6 +69,11 @@ COVERAGE: dict[str, list[tuple[str, str]]] = {
         ("tests/test_mining_refresh.py", "def test_every_third_pass_is_full"), ("tests/test_mining_cli.py", '"--full-every"')],
     "python -m embedlib.report runs/my-run runs/other-run --output runs/my-run/report": [
         ("tests/test_report.py", '"-m", "embedlib.report"')],
+    "python -m mining filter-pairs --model /models/bge-large-en-v1.5 --queries my/weak/pairs.jsonl "
+    "--output my/weak/pairs.filtered.jsonl --min-score 0.4": [("tests/test_filter_pairs.py", '"filter-pairs"')],
+    "deepspeed training/main.py --config training/recipes/conan_pretrain.yaml run_dir=runs/my-run "
+    "data.0.path=my/weak/pairs.filtered.jsonl model.path=/models/base train.max_steps=100000": [
+        ("tests/test_recipes.py", "conan_pretrain"), (HERE, "def test_trainer_commands_parse")],
     "make gpu-wheels": [(HERE, "def test_make_targets")],
     "make gpu-check GPU_CHECK_OUT=runs/gpu_check": [(HERE, "def test_make_targets")],
     ".venv/bin/python bench/gpu_check.py --dry-run --out runs/gpu_check_dry": [

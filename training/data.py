@@ -63,6 +63,7 @@ from embedlib.records import (
     read_pairs,
     read_scored_pairs,
 )
+from embedlib.rundir import DATA_CACHE
 from training.config import Config, ConfigError, DatasetConfig
 from training.dynamic_negatives import fit_ranks
 from training.schedule import assign_tasks
@@ -229,7 +230,7 @@ def data_cache(config: Config) -> RecordCache | None:
     where = config.train.data_cache
     if where is None:
         return None
-    return RecordCache(Path(config.run_dir) / "data_cache" if where == "auto" else Path(where))
+    return RecordCache(Path(config.run_dir) / DATA_CACHE if where == "auto" else Path(where))
 
 
 def data_fingerprint(task: Task, content: str) -> str:
