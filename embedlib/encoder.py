@@ -17,6 +17,10 @@ The saved layout is what sentence-transformers 6.2 writes itself:
     2_Dense/config.json, 2_Dense/model.safetensors    only with a projection (identity activation)
     N_Normalize/config.json                           only when normalising
 
+Decoder-only backbones (last_token pooling): the tokenizer appends its eos token and pads on the left
+(prepare_last_token_tokenizer); encoder.future_weight, when set, replaces the causal mask by one that lets
+tokens see later tokens with that weight (embedlib/attention.py), and an export records it in config.json.
+
 Only safetensors is written; nothing is pickled.
 """
 from __future__ import annotations
@@ -39,9 +43,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from embedlib.attention import attention_bias
 from embedlib.progress import progress_task
 
 POOLINGS = ("cls", "mean", "last_token")
+# config.json key of an export's weight of future tokens in attention (embedlib.attention), when not causal.
+FUTURE_WEIGHT_KEY = "embedding_future_weight"
 DEFAULT_MAX_LENGTH = 512
 
 # sentence-transformers module types as 6.2 writes them; the legacy `sentence_transformers.models.X`
@@ -111,6 +118,58 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     else:
         raise EncoderError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def prepare_last_token_tokenizer(tokenizer) -> None:
+    """Make a decoder's tokenizer fit last-token pooling: the end-of-sequence token appended to every
+    text, so that the pooled state is the one that has read the whole text (Qwen3-Embedding, gte-Qwen2,
+    Conan-embedding-v2), and left padding, so that the last token of every row is at the same position.
+
+    The eos is appended by the tokenizer's own post-processor, which save_pretrained keeps in
+    tokenizer.json, so an export tokenizes the same in sentence-transformers; truncation keeps room for
+    it. Nothing is appended twice (a tokenizer that already ends texts with eos is left as it is), and a
+    tokenizer without an eos token (BERT's, whose [SEP] ends every text already) only gets left padding.
+    """
+    from tokenizers import processors
+
+    tokenizer.padding_side = "left"
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if eos is None or eos_id is None or backend is None:
+        return
+
+    def appends_eos() -> bool:
+        ids, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+        return len(ids) > len(plain) and ids[-1] == eos_id
+
+    if appends_eos():
+        return
+    existing = backend.post_processor
+    if isinstance(existing, processors.TemplateProcessing):
+        # A template (Llama's "<s> $A"): extend it, since two templates in a Sequence misplace tokens.
+        template = json.loads(backend.to_str())["post_processor"]
+        single, pair = _template_text(template["single"]), _template_text(template["pair"])
+        special = [(name, entry["ids"][0]) for name, entry in template["special_tokens"].items()
+                   if len(entry["ids"]) == 1]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{single} {eos}", pair=f"{pair} {eos}:1", special_tokens=[*special, (eos, eos_id)])
+    else:
+        append_eos = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",
+                                                   special_tokens=[(eos, eos_id)])
+        backend.post_processor = append_eos if existing is None else processors.Sequence([existing, append_eos])
+    if not appends_eos():
+        raise EncoderError(f"{type(tokenizer).__name__}: could not make the tokenizer append {eos!r}")
+
+
+def _template_text(pieces: list[dict]) -> str:
+    """A TemplateProcessing template from its JSON form back to its text form ("<s>:0 $A:0")."""
+    words = []
+    for piece in pieces:
+        if "SpecialToken" in piece:
+            words.append(f"{piece['SpecialToken']['id']}:{piece['SpecialToken']['type_id']}")
+        else:
+            words.append(f"${piece['Sequence']['id']}:{piece['Sequence']['type_id']}")
+    return " ".join(words)
 
 
 def truncate_embeddings(embeddings: np.ndarray | torch.Tensor, dim: int):
@@ -231,6 +290,9 @@ class Encoder(nn.Module):
             )
         if projection is None and config.output_dim is not None:
             raise EncoderError(f"output_dim={config.output_dim} needs a projection")
+        # Weight of future tokens in a decoder's attention (embedlib.attention): None keeps the backbone's
+        # own mask (causal for a decoder); 1.0 is bidirectional; the trainer sets it every step for softmask.
+        self.future_weight: float | None = None
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -310,6 +372,9 @@ class Encoder(nn.Module):
             max_length=max_length if max_length is not None else found.max_length,
         )
 
+        if config.pooling == "last_token":
+            prepare_last_token_tokenizer(tokenizer)
+
         projection = None
         if config.output_dim is not None:
             dense = st["dense"] if st else None
@@ -324,7 +389,11 @@ class Encoder(nn.Module):
                     )
                 projection.load_state_dict(dense)
             projection.to(dtype=next(backbone.parameters()).dtype)
-        return cls(backbone, tokenizer, config, projection)
+        encoder = cls(backbone, tokenizer, config, projection)
+        weight = getattr(hf_config, FUTURE_WEIGHT_KEY, None)
+        if isinstance(weight, (int, float)) and 0 <= weight < 1:  # 1 is config.is_causal = false itself
+            encoder.future_weight = float(weight)
+        return encoder
 
     # ---- the model -----------------------------------------------------------------------------------
 
@@ -336,6 +405,8 @@ class Encoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.future_weight is not None:
+            inputs["attention_mask"] = attention_bias(attention_mask, self.future_weight, self._compute_dtype())
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs).last_hidden_state
@@ -345,6 +416,13 @@ class Encoder(nn.Module):
         if self.config.normalize:
             embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype attention runs in: autocast's when it is on, else the weights'."""
+        device_type = self.backbone.get_input_embeddings().weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.backbone.get_input_embeddings().weight.dtype
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Padded, truncated batch: input_ids, attention_mask and token_type_ids when the model has them."""
@@ -441,6 +519,8 @@ class Encoder(nn.Module):
         backbone_state, projection_state = self._split_state_dict(state_dict)
 
         self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        if self.future_weight is not None:
+            _record_attention(directory / "config.json", self.future_weight)
         self.tokenizer.save_pretrained(directory)
         modules = [_module_entry(0, "", "Transformer")]
         _write_json(
@@ -538,6 +618,24 @@ def embedding_dim_of(path: str | os.PathLike, output_dim: int | None = None, tru
             return int(st["dense"]["weight"].shape[0])
         backbone_dir = root / st["backbone_path"]
     return int(AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code).hidden_size)
+
+
+def is_decoder_model(path: str | os.PathLike, trust_remote_code: bool = False) -> bool:
+    """True when the backbone of a model directory (plain or sentence-transformers) is decoder-only:
+    a *ForCausalLM or is_decoder config, or a model type that has a causal LM head and no masked LM
+    head (an export of Qwen2 says Qwen2Model; BERT has both heads)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    root = resolve_model_dir(path)
+    backbone_dir = root
+    if (root / "modules.json").is_file():
+        backbone_dir = root / _read_sentence_transformers_dir(root)["backbone_path"]
+    hf_config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
+    model_type = getattr(hf_config, "model_type", "")
+    return _is_decoder_only(hf_config) or (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def is_encoder_export(path: str | os.PathLike) -> bool:
@@ -700,6 +798,18 @@ def _read_json(path: Path):
         raise EncoderError(f"{path}: missing") from None
     except ValueError as e:
         raise EncoderError(f"{path}: not valid JSON ({e})") from e
+
+
+def _record_attention(config_path: Path, weight: float) -> None:
+    """Note a non-causal attention in the backbone's config.json: fully bidirectional (weight 1) as
+    `is_causal: false`, which transformers (and so sentence-transformers) honour; any weight as
+    FUTURE_WEIGHT_KEY, which Encoder.from_pretrained restores (a softmask weight between 0 and 1 has no
+    transformers equivalent: other loaders see a causal model)."""
+    config = _read_json(config_path)
+    config[FUTURE_WEIGHT_KEY] = weight
+    if weight >= 1:
+        config["is_causal"] = False
+    _write_json(config_path, config)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -74,6 +74,10 @@ COVERAGE: dict[str, list[tuple[str, str]]] = {
     "deepspeed training/main.py --config training/recipes/conan_pretrain.yaml run_dir=runs/my-run "
     "data.0.path=my/weak/pairs.filtered.jsonl model.path=/models/base train.max_steps=100000": [
         ("tests/test_recipes.py", "conan_pretrain"), (HERE, "def test_trainer_commands_parse")],
+    "deepspeed training/main.py --config training/recipes/llm_lora.yaml run_dir=runs/my-run "
+    "model.path=/models/Qwen2.5-1.5B data.0.path=my/generated/pairs.jsonl data.0.corpus=my/corpus.jsonl": [
+        ("tests/test_llm_training.py", "def test_llm_lora_zero3_softmask_run_resume_export_and_mining"),
+        (HERE, "def test_trainer_commands_parse")],
     "make gpu-wheels": [(HERE, "def test_make_targets")],
     "make gpu-check GPU_CHECK_OUT=runs/gpu_check": [(HERE, "def test_make_targets")],
     ".venv/bin/python bench/gpu_check.py --dry-run --out runs/gpu_check_dry": [

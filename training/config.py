@@ -29,13 +29,31 @@ from typing import Any, Literal
 
 import yaml
 
-from embedlib.encoder import EncoderError, embedding_dim_of, resolve_model_dir
+from embedlib.encoder import EncoderError, embedding_dim_of, is_decoder_model, resolve_model_dir
 
 from training.loss import LossConfig
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line (no traceback)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (training/lora.py): the backbone is frozen, only the adapters (and a
+    projection, if any) train and are in the optimizer; exports hold the adapters merged into the weights."""
+
+    # Rank of each adapter's A (r x in) and B (out x r) matrices.
+    r: int = 16
+    # Scale of the adapter's update: W + alpha / r * B @ A.
+    alpha: float = 32.0
+    # Dropout on the adapter's input while training.
+    dropout: float = 0.05
+    # Names of the backbone's linear layers that get adapters (Qwen2/Llama/Mistral: attention and MLP).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    # Also write the adapter alone in each export's adapter/ (peft's layout, PeftModel.from_pretrained).
+    save_adapter: bool = False
 
 
 @dataclass
@@ -56,6 +74,13 @@ class ModelConfig:
     # Face gradient checkpointing, non-reentrant): less memory, about a third more compute. Combines
     # with train.grad_cache.
     gradient_checkpointing: bool = False
+    # LoRA adapters instead of full fine-tuning (see LoraConfig); null trains every weight.
+    lora: LoraConfig | None = None
+    # A decoder's attention (embedlib/attention.py): causal as pre-trained, bidirectional, or softmask
+    # (Conan-v2: future tokens weighted by alpha(t) = t / softmask_steps, from causal to bidirectional).
+    attention: Literal["causal", "bidirectional", "softmask"] = "causal"
+    # tau of softmask: optimizer steps until attention is fully bidirectional.
+    softmask_steps: int = 0
 
 
 @dataclass
@@ -382,6 +407,15 @@ def validate(config: Config, source: str) -> None:
     require(bool(m.path), "model.path", "must name a model directory")
     require(m.max_length >= 2, "model.max_length", "must be at least 2")
     require(m.output_dim is None or m.output_dim >= 1, "model.output_dim", "must be at least 1")
+    require(m.softmask_steps >= 0, "model.softmask_steps", "must not be negative")
+    require(m.attention != "softmask" or m.softmask_steps >= 1, "model.softmask_steps",
+            "must be at least 1 with model.attention softmask")
+    if m.lora is not None:
+        require(m.lora.r >= 1, "model.lora.r", "must be at least 1")
+        require(m.lora.alpha > 0, "model.lora.alpha", "must be positive")
+        require(0 <= m.lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+        require(len(m.lora.target_modules) > 0 and all(m.lora.target_modules), "model.lora.target_modules",
+                "must name at least one module")
 
     loss = config.loss
     require(loss.temperature > 0, "loss.temperature", "must be positive")
@@ -484,6 +518,10 @@ def check_model(config: Config) -> Path:
         if max(dims) > size:
             raise ConfigError(f"loss.matryoshka_dims {dims}: each must be at most the embedding size {size} "
                               f"of {resolved}")
+    m = config.model
+    if m.attention != "causal" and not is_decoder_model(resolved, m.trust_remote_code):
+        raise ConfigError(f"model.attention {m.attention!r}: {resolved} is not a decoder-only model (an encoder "
+                          "attends both ways already)")
     return resolved
 
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
+from embedlib.encoder import Encoder
 from embedlib.exports import ExportInfo, export_path, gc_exports, publish_export, read_export_marker
 from embedlib.modelcard import dataset_facts, training_prompts, write_model_card
 from embedlib.runlog import read_config
+from training.config import LoraConfig
+from training.lora import base_backbone, has_lora, merge_lora, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +47,27 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def export_model(engine, run_dir: str | os.PathLike, step: int, keep: int, extra: dict) -> ExportInfo | None:
-    """Collective. Publish RUN/exports/step_XXXXXXXX (rank 0 writes) and keep the newest `keep`."""
+def export_model(engine, run_dir: str | os.PathLike, step: int, keep: int, extra: dict,
+                 lora: LoraConfig | None = None) -> ExportInfo | None:
+    """Collective. Publish RUN/exports/step_XXXXXXXX (rank 0 writes) and keep the newest `keep`.
+
+    With LoRA (`lora`, the model's settings) the export is the merged model, a plain one that every
+    reader loads (sentence-transformers, the mining sidecar, evaluation); lora.save_adapter also writes
+    the adapter alone into its adapter/ directory."""
     state = gathered_state_dict(engine)
     info = None
     if dist.get_rank() == 0:
         encoder = engine.module
 
         def write(tmp) -> None:
-            encoder.save(tmp, state_dict=state, prompts=_prompts(run_dir, step))
+            if lora is not None and has_lora(encoder):
+                plain = Encoder(base_backbone(encoder), encoder.tokenizer, encoder.config, encoder.projection)
+                plain.future_weight = encoder.future_weight
+                plain.save(tmp, state_dict=merge_lora(state, lora), prompts=_prompts(run_dir, step))
+                if lora.save_adapter:
+                    save_adapter(encoder, state, Path(tmp) / "adapter")
+            else:
+                encoder.save(tmp, state_dict=state, prompts=_prompts(run_dir, step))
             _write_card(tmp, run_dir, step, export_path(run_dir, step))
 
         info = publish_export(run_dir, step, write, extra=extra)

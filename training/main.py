@@ -75,6 +75,7 @@ import torch.distributed as dist
 import yaml
 
 from embedlib.atomic import atomic_write_bytes, atomic_write_json
+from embedlib.attention import future_weight
 from embedlib.encoder import EncoderError
 from embedlib.exports import list_exports
 from embedlib.negstore import NegativeStoreError
@@ -82,10 +83,11 @@ from embedlib.records import RecordError
 from embedlib.logs import route_logs
 from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, utc_now
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import (Config, ConfigError, build_ds_config, check_evaluation_data, check_model, load_config,
-                             to_dict)
+from training.config import (Config, ConfigError, ModelConfig, build_ds_config, check_evaluation_data, check_model,
+                             load_config, to_dict)
 from training.data import SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader, prefetch_steps
 from training.grad_cache import backward_step
+from training.lora import add_lora, trainable_parameter_groups
 from training.loss import StepLoss
 from training.negatives_runtime import NegativesRuntime
 from training.schedule import assign_tasks
@@ -221,22 +223,13 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
 
 
 def build_engine(config: Config, model_path: Path, ds_config: dict):
-    """The Encoder in a DeepSpeed engine, with AdamW and the warm-up/decay schedule of optim.*."""
+    """The Encoder in a DeepSpeed engine, with AdamW (over the trainable parameters: all, or the LoRA
+    adapters and the projection) and the warm-up/decay schedule of optim.*."""
     import deepspeed
-    from embedlib.encoder import Encoder
 
-    torch.manual_seed(config.seed)  # a new projection starts identically on every rank
-    m = config.model
-    encoder = Encoder.from_pretrained(model_path, pooling=m.pooling, output_dim=m.output_dim, normalize=m.normalize,
-                                      max_length=m.max_length, trust_remote_code=m.trust_remote_code)
-    if m.gradient_checkpointing:
-        if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it")
-        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder = load_encoder(config.model, model_path, ds_config, config.seed)
     o = config.optim
-    decay = [p for p in encoder.parameters() if p.ndim >= 2]  # no decay on biases and norms
-    no_decay = [p for p in encoder.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = trainable_parameter_groups(encoder, o.weight_decay)
     if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO offload needs its own CPU Adam (compiled)
 
@@ -249,6 +242,49 @@ def build_engine(config: Config, model_path: Path, ds_config: dict):
                                            config=ds_config)
     engine.train()
     return engine
+
+
+def load_encoder(m: ModelConfig, model_path: Path, ds_config: dict, seed: int):
+    """The Encoder as model.* asks: under ZeRO-3 loaded inside deepspeed.zero.Init, so that each rank
+    only ever holds its partition of the weights (transformers reads the safetensors shards and hands each
+    rank its part); gradient checkpointing; LoRA adapters; the attention mode at step 0."""
+    from embedlib.encoder import Encoder
+
+    torch.manual_seed(seed)  # a new projection and new adapters start identically on every rank
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # While this object lives, from_pretrained builds the model under zero.Init with these settings.
+        zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 (held for its side effect)
+    try:
+        encoder = Encoder.from_pretrained(model_path, pooling=m.pooling, output_dim=m.output_dim,
+                                          normalize=m.normalize, max_length=m.max_length,
+                                          trust_remote_code=m.trust_remote_code)
+    finally:
+        if zero3:  # later loads in this process (the evaluation of an export on rank 0) are plain again
+            unset_hf_deepspeed_config()
+    if zero3 and hasattr(encoder.backbone, "_weight_conversions"):
+        # transformers' zero.Init load keeps its legacy renamings (BERT's LayerNorm gamma/beta) and would
+        # write exports with them; without, save_pretrained uses the names a plain load saves with.
+        encoder.backbone._weight_conversions = None
+    if m.gradient_checkpointing:
+        if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it")
+        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora is not None:
+        try:
+            add_lora(encoder, m.lora)
+        except ValueError as error:  # peft: a target module the backbone does not have
+            raise ConfigError(f"model.lora.target_modules: {error}") from None
+    set_attention(encoder, m, 0)
+    return encoder
+
+
+def set_attention(encoder, m: ModelConfig, step: int) -> None:
+    """The weight of future tokens for the step about to be trained (softmask: alpha(step) = step / tau,
+    a function of the step alone, so a resumed run continues the schedule where it was)."""
+    encoder.future_weight = None if m.attention == "causal" else future_weight(m.attention, step, m.softmask_steps)
 
 
 def lr_factor(config: Config):
@@ -287,7 +323,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
 
     def export(step: int) -> None:
         info = export_model(engine, run_dir, step, keep=t.keep_exports,
-                            extra={"model_source": config.model.path, "world_size": world_size})
+                            extra={"model_source": config.model.path, "world_size": world_size},
+                            lora=config.model.lora)
         if info is not None:
             print(f"exported: {info.path}", flush=True)
         if evaluation_due(step):
@@ -306,6 +343,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
         for batch in loader:
             seed_step(config.seed, batch.step, rank)
             lr = engine.get_lr()[0]
+            set_attention(engine.module, config.model, batch.step)
             out = train_step(engine, batch, [loss_kind_of[name] for name in batch.assignment], config)
             step = batch.step + 1
             state.cursors = batch.cursors_after
@@ -318,6 +356,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
                        **negatives.after_step(step, batch, out.negative_scores)}
             if out.masked is not None:
                 figures["masked_false_negatives"] = out.masked
+            if engine.module.future_weight is not None:  # bidirectional or softmask: alpha of this step
+                figures["future_weight"] = engine.module.future_weight
             if rank == 0:
                 metrics.log(figures)
                 progress.update(figures)
