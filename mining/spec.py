@@ -70,10 +70,11 @@ class MiningSpec:
     query_max_length: int | None = option("query tokens (default: the passage length)", None)
     encode_dtype: str = option("compute dtype of encoding: auto is bfloat16 on CUDA, float32 on CPU", "auto",
                                choices=ENCODE_DTYPES)
-    index: str = option("exact: FAISS flat, on GPUs when present; ivf or hnsw: approximate, on the CPU, with "
-                        "the recall against exact search measured on recall_sample queries", "exact",
+    index: str = option("exact: flat inner product, on GPUs when present (FAISS where it has GPU support, else "
+                        "torch); ivf or hnsw: approximate, FAISS on the CPU, with the recall against exact "
+                        "search measured on recall_sample queries", "exact",
                         choices=INDEX_KINDS)
-    device: str = option("FAISS device of exact search", "auto", choices=DEVICES)
+    device: str = option("device of exact search (auto: the GPUs when there are any)", "auto", choices=DEVICES)
     nlist: int | None = option("IVF lists (default: about 4 sqrt(corpus rows))", None)
     nprobe: int = option("IVF lists probed per query", 32)
     hnsw_m: int = option("HNSW links per node", 32)
