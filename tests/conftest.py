@@ -66,3 +66,22 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def scifact_dir() -> Path:
     return SCIFACT
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (mining's figures do not depend on it; 2 cores run faster so)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, tiny_bert_dir):
+    """tiny_bert_dir saved as an encoder export (mining_helpers.save_encoder)."""
+    from mining_helpers import save_encoder
+
+    return save_encoder(tiny_bert_dir, tmp_path_factory.mktemp("tiny_export"))

@@ -8,7 +8,6 @@ import types
 
 import numpy as np
 import pytest
-import torch
 
 from embedlib.embedding_cache import (EmbeddingCache, cache_entries, encode_corpus, prune_cache, run_cache_dir,
                                       run_cache_settings)
@@ -20,12 +19,7 @@ from mining.spec import MiningSpec, save_spec
 from mining_helpers import save_encoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

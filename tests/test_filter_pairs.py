@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import mining.__main__ as cli
 from embedlib.encoder import Encoder
 from embedlib.records import read_corpus, read_pairs
-from mining_helpers import run_mining, save_encoder, scifact_slice
+from mining_helpers import run_mining, scifact_slice
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +21,7 @@ def data(tmp_path_factory, scifact_dir):
     return scifact_slice(scifact_dir, tmp_path_factory.mktemp("slice"), num_pairs=30, num_docs=120)
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, tiny_bert_dir):
-    return save_encoder(tiny_bert_dir, tmp_path_factory.mktemp("tiny_export"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

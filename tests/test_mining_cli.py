@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 import mining.__main__ as cli
 from embedlib.encoder import Encoder
@@ -17,7 +16,7 @@ from embedlib.negstore import NegativeStore
 from mining.options import flag_of, from_options, option
 from mining.sidecar import SidecarConfig
 from mining.spec import MiningSpec, load_spec, save_spec
-from mining_helpers import REPO, mining_command, mining_env, save_encoder, scifact_slice
+from mining_helpers import REPO, mining_command, mining_env, scifact_slice
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,7 @@ def data(tmp_path_factory, scifact_dir):
     return scifact_slice(scifact_dir, tmp_path_factory.mktemp("slice"))
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, tiny_bert_dir):
-    return save_encoder(tiny_bert_dir, tmp_path_factory.mktemp("tiny_export"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _parse(*args):

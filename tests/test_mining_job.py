@@ -22,17 +22,7 @@ def data(tmp_path_factory, scifact_dir):
     return scifact_slice(scifact_dir, tmp_path_factory.mktemp("slice"))
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, tiny_bert_dir):
-    return save_encoder(tiny_bert_dir, tmp_path_factory.mktemp("tiny_export"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _published(run_dir, version):

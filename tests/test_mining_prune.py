@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 import mining.sidecar
 from embedlib.exports import publish_export
@@ -25,12 +24,7 @@ from negstore_worker import check_version, publish_seed
 WORKER = Path(__file__).with_name("negstore_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
