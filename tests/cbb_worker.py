@@ -173,6 +173,22 @@ def _gather_with_live_slice(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gradient_mismatch(grads: dict[str, torch.Tensor], ref_grads: dict[str, torch.Tensor]):
+    """(names of the parameters whose gradient differs from the reference beyond RTOL and an atol of
+    ATOL_FRACTION x the largest reference entry, the worst (excess, where), that atol)."""
+    mismatched, worst = [], (0.0, "")
+    atol = ATOL_FRACTION * max(ref.abs().max().item() for ref in ref_grads.values())
+    for name, ref in ref_grads.items():
+        got = grads[name]
+        if not torch.allclose(got, ref, rtol=RTOL, atol=atol):
+            mismatched.append(name)
+        excess = ((got - ref).abs() - RTOL * ref.abs()).max().item() / atol
+        if excess > worst[0]:
+            diff, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+            worst = (excess, f"{name}: max|diff| {diff:.3g}, max|ref| {scale:.3g}")
+    return mismatched, worst, atol
+
+
 def _or_zeros(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
     # ZeRO-3 keeps the full shape in ds_shape; the local tensor is a partition.
     return grad.detach() if grad is not None else torch.zeros(getattr(param, "ds_shape", param.shape))
@@ -229,16 +245,7 @@ def run_scenario(model_dir: str, scenario: Scenario) -> dict | None:
         return None
 
     ref_value, ref_grads = reference(model_dir, scenario)
-    mismatched, worst = [], (0.0, "")
-    atol = ATOL_FRACTION * max(ref.abs().max().item() for ref in ref_grads.values())
-    for name, ref in ref_grads.items():
-        got = grads[name]
-        if not torch.allclose(got, ref, rtol=RTOL, atol=atol):
-            mismatched.append(name)
-        excess = ((got - ref).abs() - RTOL * ref.abs()).max().item() / atol
-        if excess > worst[0]:
-            diff, scale = (got - ref).abs().max().item(), ref.abs().max().item()
-            worst = (excess, f"{name}: max|diff| {diff:.3g}, max|ref| {scale:.3g}")
+    mismatched, worst, atol = gradient_mismatch(grads, ref_grads)
     norm = lambda gs: torch.sqrt(sum((g.double() ** 2).sum() for g in gs)).item()  # noqa: E731
     return {
         "parameters": len(ref_grads),

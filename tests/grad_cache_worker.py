@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import training.grad_cache as grad_cache
 from deepspeed.runtime.engine import DeepSpeedEngine
-from cbb_worker import ATOL_FRACTION, RTOL, Batch, Scenario, _or_zeros, rank_inputs
+from cbb_worker import Batch, Scenario, _or_zeros, gradient_mismatch, rank_inputs
 from embedlib.encoder import Encoder
 from training.data import RetrievalBatch, STSBatch
 from training.loss import LossConfig, RetrievalEmbeddings, cbb_step_loss, cosent, false_negative_mask, info_nce, truncate
@@ -222,15 +222,7 @@ def reference(model_dir: str, case: Case) -> tuple[float, dict[str, torch.Tensor
 
 
 def compare(grads: dict[str, torch.Tensor], ref_grads: dict[str, torch.Tensor]) -> dict:
-    mismatched, worst = [], (0.0, "")
-    atol = ATOL_FRACTION * max(ref.abs().max().item() for ref in ref_grads.values())
-    for name, ref in ref_grads.items():
-        got = grads[name]
-        if not torch.allclose(got, ref, rtol=RTOL, atol=atol):
-            mismatched.append(name)
-        excess = ((got - ref).abs() - RTOL * ref.abs()).max().item() / atol
-        if excess > worst[0]:
-            worst = (excess, f"{name}: max|diff| {(got - ref).abs().max().item():.3g}, max|ref| {ref.abs().max():.3g}")
+    mismatched, worst, _ = gradient_mismatch(grads, ref_grads)
     flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
     got, ref = flat(grads[n] for n in ref_grads), flat(ref_grads.values())
     return {"parameters": len(ref_grads), "mismatched": mismatched, "worst": worst,
