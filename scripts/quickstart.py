@@ -212,17 +212,9 @@ def mining_passes(run_dir: Path) -> list[dict]:
     """What each mining pass of the run did (RUN/mining/refreshes.jsonl), in short."""
     keys = ("version", "mode", "refresh", "export_step", "encoded_passages", "encode_seconds", "padding_fraction",
             "search_seconds", "cache_hit")
-    try:
-        lines = (run_dir / "mining" / "refreshes.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    passes = []
-    for line in lines:
-        try:
-            passes.append({key: json.loads(line).get(key) for key in keys})
-        except (ValueError, AttributeError):  # a torn last line
-            continue
-    return passes
+    from embedlib.runlog import REFRESHES_JSONL, read_jsonl
+
+    return [{key: record.get(key) for key in keys} for record in read_jsonl(run_dir / REFRESHES_JSONL, key=None)]
 
 
 def cpu_seconds() -> float:
