@@ -1,15 +1,18 @@
 """Crash-safe file publication: write somewhere private, fsync, then rename into place.
 
 A rename within one file system is atomic, so a reader sees either the old file (or directory)
-or the complete new one, never a partial write, whenever the writer is killed.
+or the complete new one, never a partial write, whenever the writer is killed. And the one
+cross-process lock of the data caches (file_lock).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -72,3 +75,29 @@ def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
         raise FileExistsError(f"{final_dir} already exists")
     os.rename(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[], None] | None = None
+              ) -> Iterator[bool]:
+    """An exclusive POSIX record lock on `path` (created when missing) for the body of the with block.
+
+    fcntl.lockf, because NFS and Lustre honour it across machines; the kernel drops it when its holder
+    dies, so a killed holder never blocks anyone. Yields True once held. When another process holds it:
+    with wait=False yields False at once (the body must then not touch what the lock guards), else
+    calls on_wait and blocks until it is free. One open descriptor per lock and process: closing any
+    descriptor of a file releases all of the process's locks on it."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)

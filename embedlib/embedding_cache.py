@@ -14,7 +14,9 @@ caches whole blocks (a contiguous range of them). Each block is one Encoder.enco
 batches, and with them the embeddings, are the same under 1 or N ranks and for every consumer; a
 consumer that does not choose a block size (evaluation) takes the one the entry's files already use.
 Every consumer works with the float16 values as a later job reads them, so a cold and a warm run give
-the same figures. Files are written atomically (embedlib.atomic): a killed job leaves a complete file
+the same figures. Consumers of one entry at the same time (the sidecar and the trainer's evaluation of
+the same export) share the work: a block is encoded by whoever first takes its lock, and the others read
+it once it is saved (encode_blocks). Files are written atomically (embedlib.atomic): a killed job leaves a complete file
 or none (plus a temporary file that clean_temporary_files removes).
 
 Bounded: `prune_cache` removes whole entries, least recently used first (each use touches its entry),
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedlib.atomic import atomic_write_bytes
+from embedlib.atomic import atomic_write_bytes, file_lock
 from embedlib.progress import progress_task
 from embedlib.rundir import MINING, TRASH_PREFIX, discard_dir
 
@@ -154,6 +156,12 @@ class EmbeddingCache:
         np.save(buffer, np.ascontiguousarray(block, dtype=np.float16), allow_pickle=False)
         atomic_write_bytes(self.path(start, end), buffer.getvalue())
 
+    def block_lock(self, start: int, end: int, *, wait: bool = True):
+        """The lock a process holds while it encodes this block (embedlib.atomic.file_lock): whoever holds it
+        saves the block before releasing it, unless it dies."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return file_lock(self.dir / f".rows_{start:010d}_{end:010d}.lock", wait=wait)
+
     def touch(self) -> None:
         """Mark this entry (and its model) as recently used: prune_cache and gc_cache keep the newest."""
         try:
@@ -182,28 +190,52 @@ def encode_blocks(encoder, passages: list[str], blocks: list[tuple[int, int]], c
                   batch_size: int, max_length: int, device, dtype, show_progress: bool,
                   description: str = "encode corpus") -> CorpusEncoding:
     """float16 embeddings of each block (memory-mapped from the cache, encoding the missing blocks).
-    A block just encoded is saved and read back, so that its values are exactly what a later job reads."""
+    A block just encoded is saved and read back, so that its values are exactly what a later job reads.
+
+    Consumers of one entry that run at the same time (the sidecar and an evaluation of the same export)
+    share the work: a block is encoded under its lock (EmbeddingCache.block_lock), a block another process
+    is encoding is passed over and read once that process has saved it, so each block is encoded once.
+    A block whose encoder died or was stopped before saving it is encoded here."""
     from embedlib.encoder import EncodeStats
 
     dim = encoder.embedding_dim
-    out, hits, encoded = [], 0, 0
+    out: list[np.ndarray | None] = [None] * len(blocks)
+    hits, encoded = 0, 0
     stats = EncodeStats()
     cache.touch()
+
+    def encode(start: int, end: int) -> np.ndarray:
+        nonlocal encoded
+        embeddings = encoder.encode(passages[start:end], batch_size=batch_size, max_length=max_length,
+                                    device=device, dtype=dtype, show_progress=False, stats=stats)
+        cache.save(start, end, embeddings)
+        encoded += end - start
+        block = cache.load(start, end, dim)
+        return embeddings.astype(np.float16) if block is None else block  # None: pruned meanwhile
+
     total = sum(end - start for start, end in blocks)
     with progress_task(description, total, disable=not show_progress) as advance:
-        for start, end in blocks:
+        passed_over = []
+        for i, (start, end) in enumerate(blocks):
             block = cache.load(start, end, dim)
             if block is None:
-                embeddings = encoder.encode(passages[start:end], batch_size=batch_size, max_length=max_length,
-                                            device=device, dtype=dtype, show_progress=False, stats=stats)
-                cache.save(start, end, embeddings)
-                block = cache.load(start, end, dim)
-                if block is None:  # pruned by another process between the two calls: use what we have
-                    block = embeddings.astype(np.float16)
-                encoded += end - start
+                with cache.block_lock(start, end, wait=False) as held:
+                    if held:  # another process may have saved it between our look and the lock
+                        block = cache.load(start, end, dim)
+                        out[i] = encode(start, end) if block is None else block
+                if not held:
+                    passed_over.append(i)
+                    continue
             else:
-                hits += 1
-            out.append(block)
+                out[i] = block
+            hits += block is not None
+            advance(end - start)
+        for i in passed_over:  # being encoded by another process: wait for it
+            start, end = blocks[i]
+            with cache.block_lock(start, end):
+                block = cache.load(start, end, dim)
+                out[i] = encode(start, end) if block is None else block
+            hits += block is not None
             advance(end - start)
     cache.touch()
     return CorpusEncoding(out, hits, encoded, stats)

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import functools
 import glob as globlib
 import hashlib
@@ -74,6 +73,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from embedlib.atomic import file_lock
 from embedlib.records import (
     AnyId,
     Document,
@@ -420,7 +420,8 @@ class RecordCache:
             return table
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".locks").mkdir(exist_ok=True)
-        with _locked(self.root / ".locks" / f"{lock_name}.lock", f"{kind} {spec}"):
+        waiting = functools.partial(logger.info, "waiting for another process converting %s", f"{kind} {spec}")
+        with file_lock(self.root / ".locks" / f"{lock_name}.lock", on_wait=waiting):
             table = self._try_open(directory, discard_damaged=True)  # another process may have built it
             if table is not None:
                 return table
@@ -476,20 +477,6 @@ class RecordCache:
             if entry.name != keep and entry.is_dir():
                 with contextlib.suppress(OSError):
                     discard_dir(entry)
-
-
-@contextlib.contextmanager
-def _locked(path: Path, what: str):
-    with open(path, "a+b") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logger.info("waiting for another process converting %s", what)
-            fcntl.lockf(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _convert_in_child(job: dict) -> None:

@@ -4,7 +4,9 @@ recently used entries first."""
 import json
 import os
 import shutil
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +185,92 @@ def test_an_entry_pruned_by_another_process_is_encoded_again(beir, export, tmp_p
     third = encode_corpus(encoder, passages, entry, batch_size=32, max_length=32, show_progress=False)
     assert third.encoded_rows == 150
     np.testing.assert_array_equal(np.concatenate(third.blocks), np.concatenate(first.blocks))
+
+
+# ---- consumers of one entry at the same time ------------------------------------------------------------
+
+# A consumer in its own process: encodes the corpus through the entry once the start file exists (so that
+# several start together), each encode call made slow enough that their passes overlap; writes what it did.
+_CONSUMER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+from embedlib.embedding_cache import EmbeddingCache, encode_corpus
+from embedlib.encoder import Encoder
+torch.set_num_threads(1)
+export, corpus, root, start_file, out = sys.argv[1:6]
+encoder = Encoder.from_pretrained(export, max_length=32)
+slow = Encoder.encode
+Encoder.encode = lambda self, texts, **kw: time.sleep(0.3) or slow(self, texts, **kw)
+passages = [json.loads(line)["text"] for line in Path(corpus).read_text().splitlines()]
+entry = EmbeddingCache(root, "e" * 24, "f" * 24, 32, "float32")
+while not Path(start_file).exists():
+    time.sleep(0.01)
+result = encode_corpus(encoder, passages, entry, batch_size=32, max_length=32, show_progress=False, block_rows=10)
+np.save(out + ".npy", np.concatenate(result.blocks))
+Path(out + ".json").write_text(json.dumps({"encoded_rows": result.encoded_rows, "hits": result.hits}))
+"""
+
+# Holds the lock of the first block as an encoder would while encoding it, until killed.
+_HOLDER = """
+import sys, time
+from embedlib.embedding_cache import EmbeddingCache
+entry = EmbeddingCache(sys.argv[1], "e" * 24, "f" * 24, 32, "float32")
+with entry.block_lock(0, 10) as held:
+    print("held" if held else "not held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _consumer(script, *args):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=repo, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def _single_process_embeddings(beir, export, tmp_path):
+    encoder = Encoder.from_pretrained(export, max_length=32)
+    passages = [json.loads(line)["text"] for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    entry = EmbeddingCache(tmp_path / "alone", "e" * 24, "f" * 24, 32, "float32")
+    return np.concatenate(encode_corpus(encoder, passages, entry, batch_size=32, max_length=32, show_progress=False,
+                                        block_rows=10).blocks)
+
+
+def test_consumers_at_the_same_time_encode_each_block_once(beir, export, tmp_path):
+    root, start = tmp_path / "cache", tmp_path / "start"
+    consumers = [_consumer(_CONSUMER, export, beir / "corpus.jsonl", root, start, tmp_path / f"c{i}") for i in range(2)]
+    time.sleep(8)  # both loaded and waiting
+    start.touch()
+    assert [c.wait(timeout=300) for c in consumers] == [0, 0]
+    results = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(2)]
+    assert sum(r["encoded_rows"] for r in results) == 150  # 15 blocks, each encoded by one of them
+    assert all(r["encoded_rows"] > 0 for r in results)  # and the work was shared
+    assert sum(r["hits"] for r in results) == 15  # what one encoded, the other read
+    expected = _single_process_embeddings(beir, export, tmp_path)
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"c{i}.npy"), expected)
+
+
+def test_a_block_whose_encoder_died_is_encoded_by_the_one_waiting_for_it(beir, export, tmp_path):
+    root, start = tmp_path / "cache", tmp_path / "start"
+    holder = _consumer(_HOLDER, root)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start.touch()
+        consumer = _consumer(_CONSUMER, export, beir / "corpus.jsonl", root, start, tmp_path / "c")
+        entry = EmbeddingCache(root, "e" * 24, "f" * 24, 32, "float32")
+        deadline = time.monotonic() + 300
+        while len(list(entry.dir.glob("rows_*.npy"))) < 14:  # every block but the held one
+            assert consumer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
+        assert consumer.poll() is None  # waiting for the block being "encoded"
+    finally:
+        holder.kill()  # dies without saving it: the lock goes with the process
+        holder.wait()
+    assert consumer.wait(timeout=120) == 0
+    assert json.loads((tmp_path / "c.json").read_text()) == {"encoded_rows": 150, "hits": 0}
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), _single_process_embeddings(beir, export, tmp_path))
