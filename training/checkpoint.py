@@ -11,18 +11,29 @@ before the final barrier, so it can name a tag whose other ranks are still writi
 atomic, so neither is trusted: after save_checkpoint has returned on every rank and every rank has
 fsynced its files, rank 0 writes complete.json atomically. Only tags holding it count; a tag without
 it is the debris of a killed save and is deleted by the next save. `latest` is not written.
+
+Frozen parameters (the backbone under model.lora) are left out of the tag
+(exclude_frozen_parameters): they are the base model's weights, which the trainer loads from
+model.path before it loads a checkpoint, so saving them again would cost the whole model per save
+for nothing (a 7B backbone against megabytes of adapters). complete.json records a fingerprint of
+them (float64 sum and sum of absolute values over all ranks); a resume whose base weights differ
+from those the checkpoint was trained on (another model.path, another precision) is refused rather
+than silently continued on other weights.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from embedlib.atomic import atomic_write_json, fsync_tree
 from embedlib.rundir import CHECKPOINTS, TRASH_PREFIX, discard_dir, remove_debris, utc_now
+from training.config import ConfigError
 
 MARKER = "complete.json"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -66,14 +77,16 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     dist.barrier()
     if (tag_dir / MARKER).is_file():  # already saved at this step (e.g. periodic save, then the end)
         return tag_dir
-    engine.save_checkpoint(str(root), tag=tag_of(step), client_state=client_state, save_latest=False)
+    frozen = frozen_fingerprint(engine)  # collective; None when every parameter trains
+    engine.save_checkpoint(str(root), tag=tag_of(step), client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=frozen is not None)
     if rank == 0 and write_extra is not None:
         write_extra(tag_dir)
     fsync_tree(tag_dir)  # every rank: its own shards reach the disk before the marker says complete
     dist.barrier()
     if rank == 0:
         atomic_write_json(tag_dir / MARKER, {"step": step, "world_size": dist.get_world_size(),
-                                              "created_at": utc_now()})
+                                              "created_at": utc_now(), "frozen_fingerprint": frozen})
         _gc(root, keep)
     dist.barrier()
     return tag_dir
@@ -95,11 +108,68 @@ def load_checkpoint(engine, run_dir: str | os.PathLike) -> tuple[int, dict] | No
     step = decision[0]
     if step is None:
         return None
+    tag_dir = checkpoint_dir(run_dir, step)
+    saved = json.loads((tag_dir / MARKER).read_text()).get("frozen_fingerprint")
+    current = frozen_fingerprint(engine)  # collective
+    if saved is not None and not _same_weights(saved, current):
+        raise ConfigError(f"{tag_dir} was trained on other frozen base weights than those loaded from model.path "
+                          f"(fingerprint {saved}, now {current}): resume with the run's model.path and "
+                          "train.precision")
     path, client_state = engine.load_checkpoint(str(checkpoints_root(run_dir)), tag=tag_of(step),
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                custom_load_fn=_load_module_state)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoints_root(run_dir) / tag_of(step)}")
     return step, client_state
+
+
+def frozen_fingerprint(engine) -> list[float] | None:
+    """Collective. [sum, sum of |x|] in float64 of every frozen parameter of the engine's module, the same
+    on every rank (under ZeRO-3 each rank adds its partition's share), or None when nothing is frozen."""
+    device = engine.device  # the backend's device (NCCL reduces GPU tensors only)
+    partitioned = torch.zeros(2, dtype=torch.float64, device=device)  # summed over ranks
+    whole = torch.zeros(2, dtype=torch.float64, device=device)  # every rank holds these entire
+    frozen = 0
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            continue
+        frozen = 1
+        if hasattr(param, "ds_tensor"):  # a ZeRO-3 partition: only its first elements are the weight's,
+            part = param.ds_tensor  # the tail of the last rank's is uninitialised padding
+            start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * part.numel()
+            values, total = part.detach().reshape(-1)[:max(0, param.ds_numel - start)], partitioned
+        else:
+            values, total = param.detach().reshape(-1), whole
+        for chunk in values.split(1 << 22):  # bounded temporaries on a large embedding
+            chunk = chunk.to(device, torch.float64)
+            total += torch.stack([chunk.sum(), chunk.abs().sum()])
+    flag = torch.tensor([frozen], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    dist.all_reduce(partitioned)
+    return (partitioned + whole).tolist()
+
+
+def _same_weights(saved: list[float], current: list[float] | None) -> bool:
+    """Two fingerprints of the same weights, summed in another order (another world size partitions
+    ZeRO-3 differently): equal up to float64 rounding, relative to the sum of magnitudes (the plain sum
+    of random weights can be near zero)."""
+    if current is None:
+        return False
+    scale = max(abs(saved[1]), 1e-30)
+    return all(abs(a - b) <= 1e-9 * scale for a, b in zip(saved, current))
+
+
+def _load_module_state(src: dict, dst) -> None:
+    """DeepSpeed's module load, tolerating exactly the frozen parameters a checkpoint left out (they are
+    already in place: the base model's weights); any other difference is an error as in a strict load."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {name for name, param in dst.named_parameters() if not param.requires_grad}
+    missing = set(result.missing_keys) - frozen
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint module state does not match the model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(result.unexpected_keys)}")
 
 
 def _gc(root: Path, keep: int) -> None:
