@@ -145,9 +145,14 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
 
 
 class RowBlocks:
-    """A corpus held as consecutive row blocks (arrays or memory maps), indexed by global row."""
+    """A corpus held as consecutive row blocks (arrays or memory maps), indexed by global row.
 
-    def __init__(self, corpus: np.ndarray | Sequence[np.ndarray]):
+    overlay: (sorted unique global rows, their vectors) read in place of those rows of the blocks, without
+    copying the blocks (a partial refresh: the last full pass's cached embeddings, with the rows it
+    re-encoded replaced by the new model's)."""
+
+    def __init__(self, corpus: np.ndarray | Sequence[np.ndarray],
+                 overlay: tuple[np.ndarray, np.ndarray] | None = None):
         blocks = [corpus] if isinstance(corpus, np.ndarray) else list(corpus)
         blocks = [b for b in blocks if len(b)]
         dims = {b.shape[1] for b in blocks if b.ndim == 2}
@@ -157,13 +162,28 @@ class RowBlocks:
         self.starts = np.cumsum([0] + [len(b) for b in blocks])
         self.num_rows = int(self.starts[-1])
         self.dim = dims.pop() if dims else 0
+        rows, vectors = overlay if overlay is not None else (np.empty(0, np.int64), np.empty((0, self.dim)))
+        self.overlay_rows, self.overlay_vectors = np.asarray(rows, dtype=np.int64), vectors
+        if len(rows) and (vectors.shape != (len(rows), self.dim) or np.any(np.diff(self.overlay_rows) <= 0)
+                          or rows[0] < 0 or rows[-1] >= self.num_rows):
+            raise ValueError("overlay: sorted unique rows of the corpus and one vector of its width per row")
+
+    def piece(self, start: int, rows: np.ndarray) -> np.ndarray:
+        """`rows`, the corpus rows from global row `start` on, with the overlay applied (a copy only when
+        it touches them)."""
+        lo, hi = np.searchsorted(self.overlay_rows, [start, start + len(rows)])
+        if lo == hi:
+            return rows
+        rows = np.array(rows, copy=True)
+        rows[self.overlay_rows[lo:hi] - start] = self.overlay_vectors[lo:hi]
+        return rows
 
     def iter_float32(self, max_rows: int = _CPU_BLOCK_ROWS):
         """(first row, float32 rows) in pieces of at most max_rows."""
         for start, block in zip(self.starts, self.blocks):
             for offset in range(0, len(block), max_rows):
                 rows = np.ascontiguousarray(block[offset : offset + max_rows], dtype=np.float32)
-                yield int(start) + offset, rows
+                yield int(start) + offset, self.piece(int(start) + offset, rows)
 
     def to_float32(self) -> np.ndarray:
         out = np.empty((self.num_rows, self.dim), dtype=np.float32)
@@ -178,6 +198,10 @@ class RowBlocks:
         for b in np.unique(which):
             mask = which == b
             out[mask] = self.blocks[b][ids[mask] - self.starts[b]]
+        if len(self.overlay_rows):
+            at = np.clip(np.searchsorted(self.overlay_rows, ids), 0, len(self.overlay_rows) - 1)
+            mask = self.overlay_rows[at] == ids
+            out[mask] = self.overlay_vectors[at[mask]]
         return out
 
 
@@ -249,11 +273,12 @@ class ExactIndex:
     backend "torch": TorchFlatIndex, on the GPUs (rows resident in float16) or the CPU (float32 pieces).
     """
 
-    def __init__(self, corpus: np.ndarray | Sequence[np.ndarray], device: str = "auto", query_batch: int = 16384,
-                 margin: int = DEFAULT_MARGIN, gpus: Sequence[int] | None = None, backend: str = "auto"):
+    def __init__(self, corpus: np.ndarray | Sequence[np.ndarray] | RowBlocks, device: str = "auto",
+                 query_batch: int = 16384, margin: int = DEFAULT_MARGIN, gpus: Sequence[int] | None = None,
+                 backend: str = "auto"):
         """gpus: the GPU ids to shard over (None: all visible); a job with one rank per GPU passes its own.
         backend: "auto", "faiss" or "torch" (module docstring)."""
-        self.corpus = RowBlocks(corpus)
+        self.corpus = corpus if isinstance(corpus, RowBlocks) else RowBlocks(corpus)
         self.device = resolve_device(device)
         self.backend = resolve_backend(self.device, backend)
         self.query_batch = query_batch
@@ -329,7 +354,7 @@ class TorchFlatIndex:
         self.shards: list[tuple[int, "torch.Tensor"]] = []  # (first global row, rows on a device)
         if not self.devices or corpus.num_rows == 0:
             return
-        fits = all(_fits_float16(b) for b in corpus.blocks)
+        fits = all(_fits_float16(b) for b in [*corpus.blocks, corpus.overlay_vectors])
         self.dtype = torch.float16 if fits else torch.float32
         bounds = np.linspace(0, corpus.num_rows, len(self.devices) + 1).round().astype(np.int64)
         for device, start, end in zip(self.devices, bounds[:-1], bounds[1:]):
@@ -403,7 +428,7 @@ def _rows_to_device(corpus: RowBlocks, start: int, end: int, device, dtype):
         lo, hi = max(start, int(block_start)), min(end, int(block_start) + len(block))
         for s in range(lo, hi, _CPU_BLOCK_ROWS):
             e = min(hi, s + _CPU_BLOCK_ROWS)
-            piece = _tensor(block[s - block_start : e - block_start])
+            piece = _tensor(corpus.piece(s, block[s - block_start : e - block_start]))
             out[s - start : e - start] = piece.to(device).to(dtype)
     return out
 

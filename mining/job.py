@@ -3,8 +3,10 @@
 A pass is full (every corpus passage, through the shared embedding cache, embedlib.embedding_cache) or,
 for the sidecar with a RefreshPlan, partial: only the passages that can matter for the next version
 are encoded (the previous version's candidate lists, the training positives, and a random sample of
-the rest of the corpus) and searched; every `full_every`-th pass is full again. A full pass of a sidecar
-in partial mode also measures what a partial pass would have found with the same model
+the rest of the corpus), and the whole corpus is searched with those new embeddings in place of the
+last full pass's cached ones (an overlay, embedlib.search.RowBlocks); every `full_every`-th pass is full
+again, and so is a partial one whose full pass's embeddings are no longer cached. A full pass of a
+sidecar in partial mode also measures what a partial pass would have found with the same model
 (`partial_recall`), so the shortcut's price is on record.
 
 Under N ranks each rank encodes (or loads from the cache) its contiguous run of corpus blocks and
@@ -36,7 +38,7 @@ from embedlib.encoder import (EncodeStats, Encoder, EncoderError, is_encoder_exp
 from embedlib.exports import MARKER, read_export_marker
 from embedlib.negstore import CANDIDATES, NegativeStore, NegativeStoreError
 from embedlib.rundir import utc_now
-from embedlib.search import ApproximateIndex, ExactIndex, exact_scores, gpu_count, merge_topk, recall_at_k
+from embedlib.search import ApproximateIndex, ExactIndex, RowBlocks, exact_scores, gpu_count, merge_topk, recall_at_k
 from mining.distributed import LocalComm
 from mining.filters import FilterConfig, filter_candidates
 from mining.inputs import MiningInputs, load_inputs
@@ -47,27 +49,19 @@ log = logging.getLogger("mining")
 
 @dataclass
 class _Shard:
-    """The corpus rows one process searches: a contiguous range (start, num_rows) or, in a partial
-    refresh, the sorted global rows `rows` (local row i is global row rows[i])."""
+    """The contiguous corpus rows [start, start + num_rows) one process searches."""
 
     start: int  # first global corpus row
     num_rows: int
     index: ExactIndex | ApproximateIndex
-    rows: np.ndarray | None = None
 
     def to_global(self, ids: np.ndarray) -> np.ndarray:
-        if self.rows is None:
-            return np.where(ids >= 0, ids + self.start, -1)
-        return np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
+        return np.where(ids >= 0, ids + self.start, -1)
 
     def to_local(self, global_rows: np.ndarray) -> np.ndarray:
         """Local row of each global row (-1 where it is padding or not in this shard)."""
-        if self.rows is None:
-            local = global_rows - self.start
-            return np.where((global_rows >= 0) & (local >= 0) & (local < self.num_rows), local, -1)
-        pos = np.clip(np.searchsorted(self.rows, global_rows), 0, max(len(self.rows) - 1, 0))
-        found = (global_rows >= 0) & (len(self.rows) > 0) & (self.rows[pos] == global_rows)
-        return np.where(found, pos, -1)
+        local = global_rows - self.start
+        return np.where((global_rows >= 0) & (local >= 0) & (local < self.num_rows), local, -1)
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.index.search(queries, depth)
@@ -77,9 +71,10 @@ class _Shard:
 @dataclass(frozen=True)
 class RefreshPlan:
     """How the sidecar's passes mine. full_every = 1: every pass is full. n > 1: after a full pass come
-    n - 1 partial ones, each encoding and searching only the union of the previous version's candidate
-    lists (their first `depth` candidates; None: all), the training positives (their scores set the
-    positive-aware filter), and a seeded random `sample` fraction of the other rows."""
+    n - 1 partial ones, each encoding only the union of the previous version's candidate lists (their
+    first `depth` candidates; None: all), the training positives (their scores set the positive-aware
+    filter), and a seeded random `sample` fraction of the other rows; the other rows keep the embeddings
+    of the last full pass, and the whole corpus is searched."""
 
     full_every: int = 1
     depth: int | None = None
@@ -91,6 +86,7 @@ class _Previous:
     version: int
     candidates: np.ndarray  # int32 [Q, K], -1 padded
     partials_since_full: int  # partial versions since the last full one (0: this one is full)
+    full_model: str | None = None  # fingerprint of the model of the last full pass (its cache entry)
 
 
 def _previous_version(run_dir, num_queries: int) -> _Previous | None:
@@ -102,8 +98,9 @@ def _previous_version(run_dir, num_queries: int) -> _Previous | None:
         candidates = np.load(latest.path / CANDIDATES, mmap_mode="r", allow_pickle=False)
         if candidates.shape[0] != num_queries:
             return None
-        return _Previous(latest.version, np.array(candidates),
-                         int(latest.manifest.get("extra", {}).get("partials_since_full", 0)))
+        extra = latest.manifest.get("extra", {})
+        return _Previous(latest.version, np.array(candidates), int(extra.get("partials_since_full", 0)),
+                         extra.get("full_model_fingerprint"))
 
 
 def found_fraction(found: np.ndarray, reference: np.ndarray) -> float:
@@ -305,6 +302,19 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
     max_length = encoder.config.max_length
     cache = EmbeddingCache(cache_root(spec, run_dir), model_fp, inputs.corpus_fingerprint, max_length, dtype_name)
     all_blocks = block_ranges(num_rows, spec.block_rows)
+    # A partial pass searches the last full pass's embeddings, where it re-encoded nothing: still cached?
+    stale, stale_cache = None, None
+    if partial_mode:
+        stale_cache = EmbeddingCache(cache.root, previous.full_model or "", inputs.corpus_fingerprint, max_length,
+                                     dtype_name)
+        stale = [stale_cache.load(start, end, encoder.embedding_dim) for start, end in all_blocks]
+        if previous.full_model is None or any(block is None for block in stale):
+            stale = None
+        else:
+            stale_cache.touch()  # in use: the bound and the sidecar's model gc keep the most recent
+    if partial and stale is None:
+        log.info("the embeddings of the last full pass are no longer cached: this pass is full")
+        partial = False
     my_blocks = [] if partial else shard_of(all_blocks, comm.rank, comm.world_size)
 
     started = time.perf_counter()
@@ -316,7 +326,8 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         embeddings = encoder.encode([passages[r] for r in subset], batch_size=spec.batch_size,
                                     max_length=max_length, device=device, dtype=dtype, show_progress=show_progress,
                                     stats=passage_stats)
-        shard_embeddings = [embeddings.astype(np.float16)]  # the precision of a full pass's cached blocks
+        # float16: the precision of a full pass's cached blocks
+        shard_embeddings = RowBlocks(stale, overlay=(subset, embeddings.astype(np.float16)))
         hits, encoded_rows = 0, len(subset)
     else:
         corpus = encode_blocks(encoder, inputs.passages, my_blocks, cache, batch_size=spec.batch_size,
@@ -332,8 +343,8 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
     started = time.perf_counter()
     gpus = [comm.local_rank % gpu_count()] if comm.world_size > 1 and gpu_count() else None
     if partial:
-        shard = _Shard(0, len(subset), ExactIndex(shard_embeddings, device=spec.device, gpus=gpus), rows=subset)
-        searchable = len(subset)
+        shard = _Shard(0, num_rows, ExactIndex(shard_embeddings, device=spec.device, gpus=gpus))
+        searchable = num_rows
     else:
         shard_start = my_blocks[0][0] if my_blocks else 0
         shard_rows = sum(end - start for start, end in my_blocks)
@@ -359,12 +370,12 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
             log.info("approximate search (%s): recall@%d = %.4f against exact search on %d queries",
                      spec.index, spec.k, recall, len(sample))
     partial_recall = None
-    if partial_mode and not partial:  # what a partial pass would have found with this model
+    if partial_mode and not partial and stale is not None:  # what a partial pass would have found with this model
         rows = partial_rows(previous, inputs.positive_rows, num_rows, refresh)
-        sub = shard.index.corpus.gather(rows).astype(np.float16)
-        sub_shard = _Shard(0, len(rows), ExactIndex([sub], device=spec.device), rows=rows)
+        overlay = RowBlocks(stale, overlay=(rows, shard.index.corpus.gather(rows).astype(np.float16)))
+        sub_shard = _Shard(0, num_rows, ExactIndex(overlay, device=spec.device))
         sub_positive = _positive_scores(LocalComm(), sub_shard, queries, inputs.positive_rows)
-        sub_ids, _, _ = _search_and_filter(LocalComm(), sub_shard, queries, inputs, sub_positive, spec, len(rows))
+        sub_ids, _, _ = _search_and_filter(LocalComm(), sub_shard, queries, inputs, sub_positive, spec, num_rows)
         partial_recall = found_fraction(sub_ids, ids)
     previous_recall = found_fraction(previous.candidates, ids) if previous is not None and comm.rank == 0 else None
     search_seconds = time.perf_counter() - started
@@ -384,6 +395,7 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         "index": spec.index, "query_instruction": spec.query_instruction, "max_length": max_length,
         "model_fingerprint": model_fp, "short_queries": short_queries, "refresh": kind,
         "partials_since_full": since, "searched_passages": searchable,
+        "full_model_fingerprint": previous.full_model if partial else model_fp,
     }
     version = NegativeStore(run_dir).publish(
         ids.astype(np.int32), scores, corpus_fingerprint=inputs.corpus_fingerprint,
@@ -413,6 +425,7 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
              f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
              f", {short_queries} queries with fewer than k" if short_queries else "")
     record["removed_versions"] = prune_versions(run_dir, keep_versions) if keep_versions else []
-    record["removed_cache_entries"] = len(prune_cache(cache.root, gigabytes(spec.cache_max_gb), keep=(cache,)))
+    in_use = (cache,) if stale is None else (cache, stale_cache)
+    record["removed_cache_entries"] = len(prune_cache(cache.root, gigabytes(spec.cache_max_gb), keep=in_use))
     _append_record(run_dir, record)
     return record

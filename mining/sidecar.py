@@ -12,12 +12,14 @@ when it likes. With `every` = n it mines once n new exports have appeared since 
 trainer's RUN/run.json says the run ended ("completed" or "failed"; a "preempted" run will resume).
 
 Refreshes that cost what changed: with full_every = n > 1, a full pass (every passage encoded) is
-followed by n - 1 partial ones, which encode and search only the passages that can matter for the next
-version: the union of the current version's candidate lists (their first partial_depth candidates),
-the training positives, and a random partial_sample fraction of the rest of the corpus (mining/job.py).
-Each refreshes.jsonl record says which kind it was (`refresh`), how many passages it encoded
-(`encoded_passages`) and searched, and, on the full passes of this mode, `partial_recall`: the share of
-the full pass's top-k that a partial pass with the same model would have found.
+followed by n - 1 partial ones, which encode only the passages that can matter for the next version:
+the union of the current version's candidate lists (their first partial_depth candidates), the
+training positives, and a random partial_sample fraction of the rest of the corpus; they search the
+whole corpus, the other passages with the embeddings of the last full pass, which the embedding cache
+holds (mining/job.py; when it no longer does, the pass is full). Each refreshes.jsonl record says
+which kind it was (`refresh`), how many passages it encoded (`encoded_passages`) and searched, and, on
+the full passes of this mode, `partial_recall`: the share of the full pass's top-k that a partial pass
+with the same model would have found.
 
 Disk stays bounded: after each pass it removes all but the newest keep_versions versions of the store
 (never the newest, never one a live reader holds open: the trainer holds the versions it trains with;
@@ -67,7 +69,8 @@ class SidecarConfig:
         "(the trainer) holds open", 3)
     full_every: int = option(
         "every pass re-encodes the whole corpus (1), or every this-many-th pass does and the others are partial: "
-        "they encode and search only the current version's candidates, the positives and a random sample", 1)
+        "they encode only the current version's candidates, the positives and a random sample, and search them "
+        "with the last full pass's embeddings of the rest", 1)
     partial_depth: int | None = option(
         "candidates of each query's current list that a partial pass re-encodes (default: all k)", None)
     partial_sample: float = option("fraction of the other corpus rows a partial pass draws at random", 0.05)

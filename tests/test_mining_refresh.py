@@ -1,6 +1,7 @@
-"""Refreshes that cost what changed: the sidecar's partial passes encode and search only the previous
-version's candidates, the positives and a seeded sample of the rest; every full_every-th pass is full and
-measures what a partial pass would have found with the same model (partial_recall)."""
+"""Refreshes that cost what changed: the sidecar's partial passes encode only the previous version's
+candidates, the positives and a seeded sample of the rest, and search the whole corpus with those rows
+in place of the last full pass's embeddings; every full_every-th pass is full and measures what a partial
+pass would have found with the same model (partial_recall)."""
 import json
 import shutil
 
@@ -27,8 +28,9 @@ def data(tmp_path_factory, scifact_dir):
 def models(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("models")
     base = save_encoder(tiny_bert_dir, root / "m0")
-    # Later "exports": small steps away from the base, as training makes them.
-    return [base] + [_nudged(base, root / f"m{seed}", seed) for seed in (1, 2, 3)]
+    # Later "exports": small steps away from the base, as training makes them; the last a longer one, so
+    # that a partial pass with it misses part of what a full pass finds.
+    return [base] + [_nudged(base, root / f"m{seed}", seed, scale) for seed, scale in ((1, 0.01), (2, 0.01), (3, 0.1))]
 
 
 def _nudged(source, out_dir, seed, scale=0.01):
@@ -88,8 +90,8 @@ def test_found_fraction_counts_each_querys_own_lists():
     assert found_fraction(np.array([[1, -1, -1, -1], [4, 7, -1, -1]]), reference) == pytest.approx(2 / 5)
 
 
-def test_partial_pass_encodes_only_its_rows_and_publishes_their_exact_filtered_topk(data, models, tmp_path,
-                                                                                     encoded):
+def test_partial_pass_encodes_only_its_rows_and_publishes_the_exact_filtered_topk_over_the_overlay(
+        data, models, tmp_path, encoded):
     run = tmp_path / "run"
     spec = _spec(data)
     first = mine(spec, models[0], run, LocalComm(), show_progress=False)
@@ -106,29 +108,42 @@ def test_partial_pass_encodes_only_its_rows_and_publishes_their_exact_filtered_t
         padded[q, : len(rows)] = rows
     subset = partial_rows(_Previous(1, previous_ids, 0), padded, len(docs), PLAN)
     assert record["refresh"] == "partial" and record["partials_since_full"] == 1
-    assert record["encoded_passages"] == record["searched_passages"] == len(subset) < len(docs)
+    assert record["encoded_passages"] == len(subset) < len(docs) == record["searched_passages"]
     # Only the subset's passages and the queries were encoded.
     assert sorted(map(len, encoded)) == sorted([len(subset), len(pairs)])
     assert encoded[0] == [docs[r].passage for r in subset]
     cache = run / "mining" / "cache"
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # a partial pass caches nothing (whole blocks only)
 
-    # Independently: the filtered exact top-k among the subset, with the same encoder.
+    # Independently: the filtered exact top-k over the whole corpus as the pass sees it: the first pass's
+    # cached (float16) embeddings, with the subset's rows encoded by the new model.
+    blocks = sorted(cache.glob("*/*/rows_*.npy"))
+    emb = np.concatenate([np.load(b) for b in blocks]).astype(np.float64)
     encoder = Encoder.from_pretrained(models[1], max_length=spec.max_length)
-    emb = encoder.encode([docs[r].passage for r in subset], show_progress=False).astype(np.float16).astype(np.float64)
+    fresh = encoder.encode([docs[r].passage for r in subset], show_progress=False).astype(np.float16)
+    assert not np.allclose(emb[subset], fresh, atol=1e-3)  # the models differ
+    emb[subset] = fresh
     queries = encoder.encode([p.query for p in pairs], show_progress=False).astype(np.float64)
     scores = (queries @ emb.T).astype(np.float32)
     ids, got_scores, manifest = _lists(run, 2)
-    assert manifest["extra"]["refresh"] == "partial" and manifest["extra"]["searched_passages"] == len(subset)
+    assert manifest["extra"]["refresh"] == "partial" and manifest["extra"]["searched_passages"] == len(docs)
     for q, pair in enumerate(pairs):
-        pos_local = [int(np.searchsorted(subset, r)) for r in positives[q]]
-        threshold = 0.95 * min(float(scores[q, i]) for i in pos_local)
-        same_text = {i for i, r in enumerate(subset) if docs[r].passage in {pair.query, *pair.pos}}
-        order = np.lexsort((subset, -scores[q]))  # by score, ties to the lower corpus row
-        want = [int(subset[i]) for i in order
-                if subset[i] not in positives[q] and i not in same_text and scores[q, i] <= threshold][:10]
+        threshold = 0.95 * min(float(scores[q, r]) for r in positives[q])
+        same_text = {r for r, d in enumerate(docs) if d.passage in {pair.query, *pair.pos}}
+        order = np.lexsort((np.arange(len(docs)), -scores[q]))  # by score, ties to the lower corpus row
+        want = [int(r) for r in order if r not in positives[q] and r not in same_text and scores[q, r] <= threshold][:10]
         assert ids[q][ids[q] >= 0].tolist() == want, f"query {q}"
-        np.testing.assert_allclose(got_scores[q][: len(want)], scores[q][np.searchsorted(subset, want)], atol=1e-5)
+        np.testing.assert_allclose(got_scores[q][: len(want)], scores[q][want], atol=1e-5)
+
+
+def test_a_partial_pass_without_the_last_full_passs_embeddings_is_full(data, models, tmp_path):
+    run = tmp_path / "run"
+    spec = _spec(data)
+    mine(spec, models[0], run, LocalComm(), show_progress=False)
+    shutil.rmtree(run / "mining" / "cache")  # pruned, or a store written before passes recorded their model
+    record = mine(spec, models[1], run, LocalComm(), mode="sidecar", show_progress=False, refresh=PLAN)
+    assert record["refresh"] == "full" and record["encoded_passages"] == 300 and record["partial_recall"] is None
+    assert mine(spec, models[2], run, LocalComm(), mode="sidecar", show_progress=False, refresh=PLAN)["refresh"] == "partial"
 
 
 def test_every_third_pass_is_full_and_measures_what_a_partial_pass_would_have_found(data, models, tmp_path):

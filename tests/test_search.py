@@ -106,3 +106,31 @@ def test_recall_at_k_counts_overlap_and_ignores_padding():
     exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     approx = np.array([[4, 3, 9, 8], [6, 7, 5, -1]])
     assert recall_at_k(approx, exact) == pytest.approx((2 + 2) / 6)
+
+
+def test_an_overlay_reads_as_the_corpus_with_those_rows_replaced():
+    from embedlib.search import RowBlocks, TorchFlatIndex
+
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((n, 16)).astype(np.float16) for n in (70, 5, 90)]
+    originals = [b.copy() for b in blocks]
+    rows = np.sort(rng.choice(165, size=30, replace=False))
+    vectors = rng.standard_normal((30, 16)).astype(np.float16)
+    whole = np.concatenate(blocks)
+    whole[rows] = vectors
+    overlaid = RowBlocks(blocks, overlay=(rows, vectors))
+
+    np.testing.assert_array_equal(overlaid.to_float32(), whole.astype(np.float32))
+    ids = rng.integers(0, 165, size=(7, 11))
+    np.testing.assert_array_equal(overlaid.gather(ids), whole.astype(np.float64)[ids])
+    queries = rng.standard_normal((12, 16)).astype(np.float32)
+    for got, want in zip(ExactIndex(overlaid, device="cpu").search(queries, 9),
+                         ExactIndex(whole, device="cpu").search(queries, 9)):
+        np.testing.assert_array_equal(got, want)
+    # the resident torch index copies rows to its devices piece by piece
+    np.testing.assert_array_equal(TorchFlatIndex(overlaid, devices=["cpu"]).search(queries, 9),
+                                  TorchFlatIndex(RowBlocks(whole), devices=["cpu"]).search(queries, 9))
+    for block, original in zip(blocks, originals):  # read in place, never written
+        np.testing.assert_array_equal(block, original)
+    with pytest.raises(ValueError, match="overlay"):
+        RowBlocks(blocks, overlay=(rows[::-1], vectors))
