@@ -304,11 +304,10 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
     all_blocks = block_ranges(num_rows, spec.block_rows)
     # A partial pass searches the last full pass's embeddings, where it re-encoded nothing: still cached?
     stale, stale_cache = None, None
-    if partial_mode:
-        stale_cache = EmbeddingCache(cache.root, previous.full_model or "", inputs.corpus_fingerprint, max_length,
-                                     dtype_name)
+    if partial_mode and previous.full_model is not None:  # None: a version published before passes named it
+        stale_cache = EmbeddingCache(cache.root, previous.full_model, inputs.corpus_fingerprint, max_length, dtype_name)
         stale = [stale_cache.load(start, end, encoder.embedding_dim) for start, end in all_blocks]
-        if previous.full_model is None or any(block is None for block in stale):
+        if any(block is None for block in stale):
             stale = None
         else:
             stale_cache.touch()  # in use: the bound and the sidecar's model gc keep the most recent
