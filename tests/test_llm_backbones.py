@@ -4,6 +4,7 @@ loads in sentence-transformers), attention modes and the softmask schedule."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,64 @@ def test_a_missing_target_module_is_a_config_error(decoder_dir):
     m = ModelConfig(path=str(decoder_dir), lora=LoraConfig(target_modules=["no_such_proj"]))
     with pytest.raises(ConfigError, match="model.lora.target_modules: "):
         load_encoder(m, decoder_dir, {}, seed=0)
+
+
+def test_gradient_checkpointing_with_lora_leaves_the_frozen_embedding_out_of_backward(decoder_dir):
+    """Non-reentrant checkpointing needs no input that requires grad: peft's hook that makes the embedding's
+    output require it is removed (under ZeRO-3 it kept the whole embedding gathered through the backward
+    pass), and the adapters' gradients are those of the model without checkpointing."""
+    from training.config import ModelConfig
+    from training.main import load_encoder
+
+    grads, embedded = {}, {}
+    for checkpointing in (False, True):
+        m = ModelConfig(path=str(decoder_dir), lora=LORA, gradient_checkpointing=checkpointing)
+        encoder = load_encoder(m, decoder_dir, {}, seed=0)
+        with torch.no_grad():  # B starts at zero: make A's gradients non-zero too
+            for name, p in encoder.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+        encoder.train()
+        batch = encoder.tokenize(TEXTS)
+        embedded[checkpointing] = encoder.backbone.get_input_embeddings()(batch["input_ids"]).requires_grad
+        encoder(**batch).pow(3).sum().backward()
+        grads[checkpointing] = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}
+    assert embedded == {False: False, True: False}
+    assert grads[True].keys() == grads[False].keys() and all(".lora_" in n for n in grads[True])
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_zero3_sizes_follow_the_hidden_size(decoder_dir, tmp_path, monkeypatch):
+    from training.config import build_ds_config, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recipe names its DeepSpeed JSON relative to the repository
+    recipe = repo / "training" / "recipes" / "llm_lora.yaml"
+
+    def zero3(model_dir, *overrides) -> dict:
+        config = load_config(recipe, [f"model.path={model_dir}", *overrides])
+        return build_ds_config(config, world_size=2, has_gpu=False)["zero_optimization"]
+
+    sizes = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_reuse_distance")
+    # The tiny model (hidden 32): buckets at their floor of 2**20 elements, parameters under 320 elements whole.
+    tiny = zero3(decoder_dir)
+    assert [tiny[k] for k in sizes] == [1 << 20] * 3 and tiny["stage3_param_persistence_threshold"] == 320
+    # A 7B-class hidden size: h*h, not DeepSpeed's 5e8-element gradient bucket.
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps({"hidden_size": 3584}))
+    big = zero3(large)
+    assert [big[k] for k in sizes] == [3584 * 3584] * 3 and big["stage3_param_persistence_threshold"] == 35840
+    # What the JSON sets is kept; without a readable model DeepSpeed's defaults stay (no "auto" reaches it).
+    ds = json.loads((repo / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = 12345
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    own = zero3(large, f"deepspeed.config={tmp_path / 'ds.json'}")
+    assert own["reduce_bucket_size"] == 12345 and own["stage3_prefetch_bucket_size"] == 3584 * 3584
+    unknown = zero3(tmp_path / "missing")
+    assert not any(k in unknown for k in (*sizes, "stage3_param_persistence_threshold"))
 
 
 @pytest.mark.parametrize("output_dim", [None, 16])
