@@ -418,11 +418,13 @@ class Encoder(nn.Module):
         return embeddings
 
     def _compute_dtype(self) -> torch.dtype:
-        """The dtype attention runs in: autocast's when it is on, else the weights'."""
-        device_type = self.backbone.get_input_embeddings().weight.device.type
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.backbone.get_input_embeddings().weight.dtype
+        """The dtype attention runs in: autocast's when it is on, else the weights'. The weight is taken
+        through parameters(): under ZeRO-3 reading the `.weight` attribute inside the engine's forward
+        would gather the whole embedding on every rank and hold it until the backward pass ends."""
+        weight = next(self.backbone.get_input_embeddings().parameters())
+        if torch.is_autocast_enabled(weight.device.type):
+            return torch.get_autocast_dtype(weight.device.type)
+        return weight.dtype
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Padded, truncated batch: input_ids, attention_mask and token_type_ids when the model has them."""

@@ -283,17 +283,6 @@ def load_encoder(m: ModelConfig, model_path: Path, ds_config: dict, seed: int):
             raise ConfigError(f"model.lora.target_modules: {error}") from None
         if m.gradient_checkpointing:
             encoder.backbone.get_base_model().disable_input_require_grads()
-    if zero3:
-        # Encoder._compute_dtype (the attention bias of bidirectional and softmask attention) reads
-        # get_input_embeddings().weight inside the engine's forward; under ZeRO-3 that attribute access
-        # gathers the whole embedding as an "external parameter" of the Encoder and holds it until the end of
-        # the backward pass. parameters() hands out the same parameter without gathering it.
-        def compute_dtype() -> torch.dtype:
-            weight = next(encoder.backbone.get_input_embeddings().parameters())
-            device_type = weight.device.type
-            return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-
-        encoder._compute_dtype = compute_dtype
     set_attention(encoder, m, 0)
     return encoder
 
