@@ -164,12 +164,14 @@ def test_zero3_sizes_follow_the_hidden_size(decoder_dir, tmp_path, monkeypatch):
     # The tiny model (hidden 32): buckets at their floor of 2**20 elements, parameters under 320 elements whole.
     tiny = zero3(decoder_dir)
     assert [tiny[k] for k in sizes] == [1 << 20] * 3 and tiny["stage3_param_persistence_threshold"] == 320
+    assert tiny["stage3_max_live_parameters"] == 16 << 20
     # A 7B-class hidden size: h*h, not DeepSpeed's 5e8-element gradient bucket.
     large = tmp_path / "large"
     large.mkdir()
     (large / "config.json").write_text(json.dumps({"hidden_size": 3584}))
     big = zero3(large)
     assert [big[k] for k in sizes] == [3584 * 3584] * 3 and big["stage3_param_persistence_threshold"] == 35840
+    assert big["stage3_max_live_parameters"] == 16 * 3584 * 3584
     # What the JSON sets is kept; without a readable model DeepSpeed's defaults stay (no "auto" reaches it).
     ds = json.loads((repo / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["reduce_bucket_size"] = 12345
@@ -177,7 +179,7 @@ def test_zero3_sizes_follow_the_hidden_size(decoder_dir, tmp_path, monkeypatch):
     own = zero3(large, f"deepspeed.config={tmp_path / 'ds.json'}")
     assert own["reduce_bucket_size"] == 12345 and own["stage3_prefetch_bucket_size"] == 3584 * 3584
     unknown = zero3(tmp_path / "missing")
-    assert not any(k in unknown for k in (*sizes, "stage3_param_persistence_threshold"))
+    assert not any(k in unknown for k in (*sizes, "stage3_param_persistence_threshold", "stage3_max_live_parameters"))
 
 
 @pytest.mark.parametrize("output_dim", [None, 16])
