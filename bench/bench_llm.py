@@ -3,7 +3,8 @@ loading and while training, and seconds per step, on 2 CPU ranks with a random Q
 
     .venv/bin/python bench/bench_llm.py [--configs zero2-full zero3-full zero2-lora zero3-lora plain-lora]
         [--layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936]
-        [--batch 2 --negatives 1 --max-length 64 --steps 3] [--safety-gb 9] [--json out.json]
+        [--batch 2 --negatives 1 --max-length 64 --steps 3] [--gradient-checkpointing] [--safety-gb 9]
+        [--zero3-config ds_configs/zero3.json] [--json out.json]
 
 The default shape is Qwen2.5-0.5B's (about 494M parameters, tied embeddings), random weights written once
 as sharded safetensors into a temporary directory (nothing is downloaded). Every configuration runs in 2
@@ -20,6 +21,14 @@ Each rank trains on its own batch of --batch queries, each with a positive and -
 (random token ids, --max-length tokens each), softmask attention, fp32. A step's time is the slower rank's;
 the median over --steps steps after one untimed step. A rank whose resident set passes --safety-gb is
 stopped and recorded as such, to keep a shared machine alive.
+
+Where a peak comes from: each row's phases_by_rank holds every rank's largest resident set in each phase
+(load: the Encoder built and loaded; ds_initialize: deepspeed.initialize; forward_backward and
+optimizer_step: the two halves of every step), split into anonymous memory and file pages (a loader's
+mapped safetensors count in the resident set too). The resident set also holds memory that glibc malloc
+keeps after it was freed; ZeRO-3 frees and re-allocates every gathered parameter at each use, so to see
+what is live rather than what the allocator kept, run with MALLOC_MMAP_THRESHOLD_=65536 in the
+environment (every allocation of 64 KiB or more is then returned to the system when freed).
 
 Aims (issue 16): ZeRO-3 + zero.Init peak per rank <= 0.6 x ZeRO-2's; LoRA step <= 1.1 x the plain loop's.
 """
@@ -64,6 +73,9 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one untimed step")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="as the llm_lora recipe trains (off by default here: the step times compare with a plain loop "
+                        "that has none)")
     p.add_argument("--safety-gb", type=float, default=9.0, help="stop a rank whose resident set passes this")
     p.add_argument("--zero3-config", default="ds_configs/zero3.json", help="DeepSpeed JSON of the zero3-* runs")
     p.add_argument("--json", type=Path)
@@ -132,7 +144,7 @@ def run_config(args, name: str, model_dir: Path, tmp: Path) -> dict:
                    peak_rss_train_gb=round(max(r["peak_rss_train_gb"] for r in reports), 3),
                    s_per_step=round(statistics.median(reports[0]["step_times"]), 2),
                    step_times=[round(t, 2) for t in reports[0]["step_times"]], trainable=reports[0]["trainable"],
-                   loss=reports[0]["loss"])
+                   loss=reports[0]["loss"], phases_by_rank=[r["phases"] for r in reports])
     elif stopped:
         row["peak_rss_gb"] = max(s["rss_gb"] for s in stopped)
     return row
@@ -142,13 +154,16 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
 
+    phases = Phases()
+
     def watchdog() -> None:  # keeps a configuration far over the cap from taking the machine down
         while True:
-            now = rss_gb()
+            now = phases.sample()
             if now > args["safety_gb"]:
-                Path(out, f"stopped{rank}.json").write_text(json.dumps({"rss_gb": round(now, 3)}))
+                Path(out, f"stopped{rank}.json").write_text(json.dumps({"rss_gb": round(now, 3),
+                                                                        "phases": phases.report()}))
                 os._exit(3)
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     threading.Thread(target=watchdog, daemon=True).start()
     import torch
@@ -160,7 +175,8 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
 
     from embedlib.logs import route_logs
     from training.config import build_ds_config, check_model, load_config
-    from training.main import build_engine, load_encoder, set_attention, train_step
+    from training.grad_cache import backward_step
+    from training.main import build_engine, load_encoder, set_attention
 
     logger.setLevel("ERROR")
     route_logs(console_level=40)
@@ -169,7 +185,7 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
     overrides = [f"run_dir={tempfile.mkdtemp(dir=out)}", f"model.path={model_dir}",
                  f"model.max_length={args['max_length']}", f"data.0.batch_size={args['batch']}",
                  f"data.0.num_negatives={args['negatives']}", "train.num_workers=0", "train.grad_cache.chunk_size=null",
-                 "model.gradient_checkpointing=false", "train.precision=fp32",
+                 f"model.gradient_checkpointing={str(args['gradient_checkpointing']).lower()}", "train.precision=fp32",
                  f"deepspeed.config={args['zero3_config'] if stage == 'zero3' else 'ds_configs/zero2.json'}"]
     if tuning == "full":
         overrides.append("model.lora=null")
@@ -180,14 +196,30 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
 
     dist.barrier()
     started = time.perf_counter()
+    phases.enter("load")
     if stage == "plain":
         encoder = load_encoder(config.model, path, {}, config.seed)
         encoder.device = torch.device("cpu")  # grad_cache.forward moves inputs to `.device`
-        step = plain_step(encoder, config)
+        step = plain_step(encoder, config, phases)
     else:
-        engine = build_engine(config, path, build_ds_config(config, WORLD, has_gpu=False))
+        initialize = deepspeed.initialize
+
+        def timed_initialize(*a, **k):  # the engine's own allocations, apart from the model's
+            phases.enter("ds_initialize")
+            return initialize(*a, **k)
+
+        deepspeed.initialize = timed_initialize
+        ds_config = build_ds_config(config, WORLD, has_gpu=False)
+        engine = build_engine(config, path, ds_config)
+        deepspeed.initialize = initialize
         encoder = engine.module
-        step = lambda batch: train_step(engine, batch, kinds, config).value  # noqa: E731
+
+        def step(batch) -> float:  # train_step's two halves, each its own phase
+            phases.enter("forward_backward")
+            out = backward_step(engine, batch, kinds, config.loss)
+            phases.enter("optimizer_step")
+            engine.step()
+            return out.value
     load_s = time.perf_counter() - started
     peak_load = peak_rss_gb()
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -204,14 +236,16 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slower rank
         if i > 0:
             times.append(elapsed.item())
+    phases.enter("done")
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"load_s": load_s, "peak_rss_load_gb": peak_load, "peak_rss_train_gb": peak_rss_gb(), "step_times": times,
-         "trainable": trainable, "loss": loss}))
+         "trainable": trainable, "loss": loss, "phases": phases.report(),
+         **({"ds_zero": {k: v for k, v in ds_config["zero_optimization"].items()}} if stage != "plain" else {})}))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def plain_step(encoder, config):
+def plain_step(encoder, config, phases):
     """The loop a user would write with torch and peft alone: the same forwards and loss as the trainer,
     gradients averaged over ranks with one all_reduce each, clipping, AdamW with the same LR schedule (so
     its losses match the DeepSpeed LoRA runs')."""
@@ -231,8 +265,10 @@ def plain_step(encoder, config):
     encoder.train()
 
     def step(batch) -> float:
+        phases.enter("forward_backward")
         out = cbb_step_loss(embed(encoder, batch), ["retrieval"] * WORLD, config.loss, WORLD)
         out.loss.backward()
+        phases.enter("optimizer_step")
         for p in trainable:
             dist.all_reduce(p.grad)
             p.grad /= WORLD
@@ -263,9 +299,45 @@ def make_batch(rank: int, args: dict):
                           passages=texts(q + q * n), num_negatives=n, rows=tuple(range(q)), negatives=None)
 
 
-def rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+class Phases:
+    """The largest resident set seen in each phase of a rank's life (load, ds_initialize, forward_backward,
+    optimizer_step), sampled by the watchdog thread every 10 ms, with its split into anonymous memory
+    and file pages (the safetensors files a loader maps count in the resident set too). ru_maxrss only
+    says the overall peak; this says where it is."""
+
+    def __init__(self):
+        self.current = "start"
+        self.peaks: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def enter(self, name: str) -> None:
+        self.sample()  # the end of the phase before
+        with self.lock:
+            self.current = name
+        self.sample()
+
+    def sample(self) -> float:
+        anon, file = rss_split_gb()
+        with self.lock:
+            peak = self.peaks.setdefault(self.current, {"rss_gb": 0.0})
+            if anon + file > peak["rss_gb"]:
+                peak.update(rss_gb=round(anon + file, 3), anon_gb=round(anon, 3), file_gb=round(file, 3))
+        return anon + file
+
+    def report(self) -> dict:
+        with self.lock:
+            return {name: dict(peak) for name, peak in self.peaks.items()}
+
+
+def rss_split_gb() -> tuple[float, float]:
+    """(anonymous, file-backed + shared memory) resident GB of this process, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0]) / 2**20  # kB
+    return fields.get("RssAnon", 0.0), fields.get("RssFile", 0.0) + fields.get("RssShmem", 0.0)
 
 
 def peak_rss_gb() -> float:
