@@ -145,8 +145,8 @@ def run_config(args, name: str, model_dir: Path, tmp: Path) -> dict:
                    s_per_step=round(statistics.median(reports[0]["step_times"]), 2),
                    step_times=[round(t, 2) for t in reports[0]["step_times"]], trainable=reports[0]["trainable"],
                    loss=reports[0]["loss"], phases_by_rank=[r["phases"] for r in reports])
-    elif stopped:
-        row["peak_rss_gb"] = max(s["rss_gb"] for s in stopped)
+    elif stopped:  # the phase it was stopped in is the last one in its report
+        row.update(peak_rss_gb=max(s["rss_gb"] for s in stopped), phases_by_rank=[s.get("phases") for s in stopped])
     return row
 
 
