@@ -45,6 +45,17 @@ def _train(run_dir: Path, model: Path, data: tuple[Path, Path], stage: int,
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+def _load_deepspeed_file(path: Path) -> dict:
+    """One of DeepSpeed's checkpoint .pt files, unpickled with weights_only=True: beyond tensors and
+    containers they hold only these three DeepSpeed types, allowed by name."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _tensors(value) -> list[torch.Tensor]:
     """Every tensor in a torch.load'ed checkpoint file, however nested."""
     if isinstance(value, torch.Tensor):
@@ -70,7 +81,7 @@ def test_lora_checkpoint_holds_no_frozen_weights_and_resumes_exactly(tmp_path, q
     files = sorted(tag.glob("*model_states.pt"))
     assert len(files) == (1 if stage == 2 else 2)
     for f in files:
-        module = torch.load(f, map_location="cpu", weights_only=False)
+        module = _load_deepspeed_file(f)
         assert module["frozen_param_fragments"] is None and module["frozen_param_shapes"] is None
         keys = list(module["module"])
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
@@ -79,7 +90,7 @@ def test_lora_checkpoint_holds_no_frozen_weights_and_resumes_exactly(tmp_path, q
     # On disk: at most the adapters' module copy, fp32 master copy and two Adam moments (plus ZeRO's
     # alignment padding); a frozen weight would add the backbone's size.
     stored = sum(t.numel() for f in tag.glob("*.pt")
-                 for t in _tensors(torch.load(f, map_location="cpu", weights_only=False)))
+                 for t in _tensors(_load_deepspeed_file(f)))
     assert stored <= 4 * trainable + 256, (stored, trainable, base)
     assert 4 * trainable + 256 < base  # so the bound above excludes any frozen backbone tensor
 
