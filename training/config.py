@@ -585,32 +585,39 @@ def build_ds_config(config: Config, world_size: int, has_gpu: bool) -> dict:
             fill(params, key, value, owner, "optimizer.params.")
     zero = ds.get("zero_optimization")
     if isinstance(zero, dict) and zero.get("stage") == 3:
-        # DeepSpeed's ZeRO-3 defaults are sized for models of billions of parameters on GPUs: a gradient
-        # bucket of 5e8 elements (2 GB in fp32) whatever the model, every parameter used again within 1e9
-        # elements kept gathered, which on a smaller model is all of it (each step's two forwards use every
-        # layer twice), and up to 1e9 elements gathered or in flight at once: prefetching adds up to a bucket
-        # at every submodule's fetch, and a LoRA layer has dozens of submodules, so by its first layer a
-        # forward had most of the model in flight. Sizes left unset or "auto" follow the backbone's hidden
-        # size h instead: buckets and reuse distance of h*h elements (at least 2**20: smaller buckets save
-        # nothing worth their extra collectives), 16 buckets live (about one decoder layer, 12-20 h*h),
-        # parameters under 10*h elements (norms, biases) kept whole on every rank.
-        try:
-            model_config = json.loads((resolve_model_dir(config.model.path) / "config.json").read_text())
-            hidden = next(int(model_config[k]) for k in ("hidden_size", "d_model", "n_embd")
-                          if isinstance(model_config.get(k), int))
-        except (EncoderError, OSError, ValueError, StopIteration):
-            hidden = None  # check_model names the problem; DeepSpeed's own defaults meanwhile
-        bucket = max(hidden * hidden, 1 << 20) if hidden else None
-        for key, size in (("reduce_bucket_size", bucket), ("stage3_prefetch_bucket_size", bucket),
-                          ("stage3_max_reuse_distance", bucket),
-                          ("stage3_max_live_parameters", 16 * bucket if bucket else None),
-                          ("stage3_param_persistence_threshold", 10 * hidden if hidden else None)):
-            if zero.get(key, "auto") == "auto":
-                zero[key] = size
-                if size is None:
-                    del zero[key]  # DeepSpeed's default
+        _size_zero3_buffers(zero, config.model.path)
     ds.setdefault("steps_per_print", 10**9)  # the trainer reports progress itself
     return ds
+
+
+def _size_zero3_buffers(zero: dict, model_path: str) -> None:
+    """DeepSpeed's ZeRO-3 defaults are sized for models of billions of parameters on GPUs: a gradient
+    bucket of 5e8 elements (2 GB in fp32) whatever the model, every parameter used again within 1e9
+    elements kept gathered, which on a smaller model is all of it (each step's two forwards use every
+    layer twice), and up to 1e9 elements gathered or in flight at once: prefetching adds up to a bucket
+    at every submodule's fetch, and a LoRA layer has dozens of submodules, so by its first layer a
+    forward had most of the model in flight. Sizes left unset or "auto" follow the backbone's hidden
+    size h instead: buckets and reuse distance of h*h elements (at least 2**20: smaller buckets save
+    nothing worth their extra collectives), 16 buckets live (about one decoder layer, 12-20 h*h),
+    parameters under 10*h elements (norms, biases) kept whole on every rank. Without a readable hidden
+    size (check_model names the problem) DeepSpeed's own defaults stay."""
+    try:
+        model_config = json.loads((resolve_model_dir(model_path) / "config.json").read_text())
+        hidden = next(int(model_config[k]) for k in ("hidden_size", "d_model", "n_embd")
+                      if isinstance(model_config.get(k), int))
+    except (EncoderError, OSError, ValueError, StopIteration):
+        hidden = None
+    bucket = max(hidden * hidden, 1 << 20) if hidden else None
+    for key, size in (("reduce_bucket_size", bucket), ("stage3_prefetch_bucket_size", bucket),
+                      ("stage3_max_reuse_distance", bucket),
+                      ("stage3_max_live_parameters", 16 * bucket if bucket else None),
+                      ("stage3_param_persistence_threshold", 10 * hidden if hidden else None)):
+        if zero.get(key, "auto") != "auto":
+            continue  # the user's value
+        if size is None:
+            zero.pop(key, None)  # DeepSpeed's default
+        else:
+            zero[key] = size
 
 
 def _is_number(value) -> bool:
