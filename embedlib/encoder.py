@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -306,6 +306,7 @@ class Encoder(nn.Module):
         max_length: int | None = None,
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
+        load_backbone: Callable[..., nn.Module] | None = None,
     ) -> Encoder:
         """Load a local model directory: a plain Hugging Face model or a sentence-transformers dir.
 
@@ -322,6 +323,8 @@ class Encoder(nn.Module):
 
         dtype is the dtype of the weights (None: float32, the training master copy; encode() picks the
         compute dtype separately). trust_remote_code is passed to transformers and is off by default.
+        load_backbone(backbone_dir, hf_config, dtype, trust_remote_code) builds the backbone instead of
+        AutoModel.from_pretrained (the trainer's ZeRO-3 loader, training/zero3_loading.py).
         """
         if pooling is not None and pooling not in POOLINGS:  # before loading gigabytes of weights
             raise EncoderError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
@@ -336,9 +339,7 @@ class Encoder(nn.Module):
             raise EncoderError(f"{backbone_dir}: not a model directory (no config.json)")
 
         hf_config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(
-            backbone_dir, config=hf_config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
+        backbone = (load_backbone or _load_backbone)(backbone_dir, hf_config, dtype or torch.float32, trust_remote_code)
         if hasattr(backbone.config, "use_cache"):
             backbone.config.use_cache = False  # embeddings never decode; a KV cache only costs memory
         tokenizer = AutoTokenizer.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
@@ -421,7 +422,8 @@ class Encoder(nn.Module):
         """The dtype attention runs in: autocast's when it is on, else the weights'. The weight is taken
         through parameters(): under ZeRO-3 reading the `.weight` attribute inside the engine's forward
         would gather the whole embedding on every rank and hold it until the backward pass ends."""
-        weight = next(self.backbone.get_input_embeddings().parameters())
+        embedding = self.backbone.get_input_embeddings()  # its weight is a buffer when sharded by vocabulary
+        weight = next(itertools.chain(embedding.parameters(), embedding.buffers()))
         if torch.is_autocast_enabled(weight.device.type):
             return torch.get_autocast_dtype(weight.device.type)
         return weight.dtype
@@ -613,13 +615,20 @@ def embedding_dim_of(path: str | os.PathLike, output_dim: int | None = None, tru
     if output_dim is not None:
         return output_dim
     root = resolve_model_dir(path)
-    backbone_dir = root
     if (root / "modules.json").is_file():
         st = _read_sentence_transformers_dir(root)
         if st["dense"]:
             return int(st["dense"]["weight"].shape[0])
-        backbone_dir = root / st["backbone_path"]
-    return int(AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code).hidden_size)
+    return int(AutoConfig.from_pretrained(backbone_dir(root), trust_remote_code=trust_remote_code).hidden_size)
+
+
+def backbone_dir(path: str | os.PathLike) -> Path:
+    """The directory of a model's transformers backbone: the model directory itself, or a
+    sentence-transformers directory's Transformer module."""
+    root = resolve_model_dir(path)
+    if (root / "modules.json").is_file():
+        return root / _read_sentence_transformers_dir(root)["backbone_path"]
+    return root
 
 
 def is_decoder_model(path: str | os.PathLike, trust_remote_code: bool = False) -> bool:
@@ -629,11 +638,7 @@ def is_decoder_model(path: str | os.PathLike, trust_remote_code: bool = False) -
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    root = resolve_model_dir(path)
-    backbone_dir = root
-    if (root / "modules.json").is_file():
-        backbone_dir = root / _read_sentence_transformers_dir(root)["backbone_path"]
-    hf_config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(backbone_dir(path), trust_remote_code=trust_remote_code)
     model_type = getattr(hf_config, "model_type", "")
     return _is_decoder_only(hf_config) or (
         model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -688,6 +693,10 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _load_backbone(backbone_dir: Path, hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    return AutoModel.from_pretrained(backbone_dir, config=hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _is_decoder_only(hf_config) -> bool:

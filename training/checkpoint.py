@@ -34,6 +34,7 @@ import torch.distributed as dist
 from embedlib.atomic import atomic_write_json, fsync_tree
 from embedlib.rundir import CHECKPOINTS, TRASH_PREFIX, discard_dir, remove_debris, utc_now
 from training.config import ConfigError
+from training.zero3_loading import sharded_embedding_rows
 
 MARKER = "complete.json"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -140,15 +141,22 @@ def frozen_fingerprint(engine) -> list[float] | None:
             values, total = part.detach().reshape(-1)[:max(0, param.ds_numel - start)], partitioned
         else:
             values, total = param.detach().reshape(-1), whole
-        for chunk in values.split(1 << 22):  # bounded temporaries on a large embedding
-            chunk = chunk.to(device, torch.float64)
-            total += torch.stack([chunk.sum(), chunk.abs().sum()])
+        _add_sums(total, values, device)
+    for rows in sharded_embedding_rows(engine.module):  # a frozen embedding split by vocabulary over the ranks
+        frozen = 1
+        _add_sums(partitioned, rows.detach().reshape(-1), device)
     flag = torch.tensor([frozen], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
         return None
     dist.all_reduce(partitioned)
     return (partitioned + whole).tolist()
+
+
+def _add_sums(total: torch.Tensor, values: torch.Tensor, device) -> None:
+    for chunk in values.split(1 << 22):  # bounded temporaries on a large embedding
+        chunk = chunk.to(device, torch.float64)
+        total += torch.stack([chunk.sum(), chunk.abs().sum()])
 
 
 def _same_weights(saved: list[float], current: list[float] | None) -> bool:

@@ -1,7 +1,8 @@
 """Model exports: the whole Encoder gathered onto rank 0 and published with embedlib.exports.
 
 Under ZeRO-1/2 every rank holds the full (training-dtype) parameters; under ZeRO-3 each holds a
-shard, so the parameters are gathered one at a time (peak memory: one parameter, not the model).
+shard, so the parameters are gathered one at a time (peak memory: one parameter, not the model), and a
+frozen input embedding split by vocabulary (training/zero3_loading.py) is gathered onto rank 0.
 Rank 0 writes the directory with Encoder.save (loadable by transformers.AutoModel and
 sentence_transformers.SentenceTransformer), with the prompts of the instructions the data had, and its
 model card (README.md, embedlib.modelcard), and publishes it atomically with its export.json marker.
@@ -23,6 +24,7 @@ from embedlib.modelcard import dataset_facts, training_prompts, write_model_card
 from embedlib.runlog import read_config
 from training.config import LoraConfig
 from training.lora import base_backbone, has_lora, merge_lora, save_adapter
+from training.zero3_loading import gather_sharded_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,10 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if rank == 0:
                 state[name] = param.detach().cpu().clone()
+    embeddings = gather_sharded_embeddings(module)  # a frozen embedding split by vocabulary
     if rank != 0:
         return None
+    state.update(embeddings)
     persistent = module.state_dict().keys()  # buffers are not partitioned; keep the persistent ones
     state.update({k: v.detach().cpu().clone() for k, v in module.named_buffers() if k in persistent})
     return state

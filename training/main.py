@@ -87,6 +87,7 @@ from training.config import (Config, ConfigError, ModelConfig, build_ds_config, 
                              load_config, to_dict)
 from training.data import SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader, prefetch_steps
 from training.grad_cache import backward_step
+from training import zero3_loading
 from training.lora import add_lora, trainable_parameter_groups
 from training.loss import StepLoss
 from training.negatives_runtime import NegativesRuntime
@@ -245,29 +246,20 @@ def build_engine(config: Config, model_path: Path, ds_config: dict):
 
 
 def load_encoder(m: ModelConfig, model_path: Path, ds_config: dict, seed: int):
-    """The Encoder as model.* asks: under ZeRO-3 loaded inside deepspeed.zero.Init, so that each rank
-    only ever holds its partition of the weights (transformers reads the safetensors shards and hands each
-    rank its part); gradient checkpointing; LoRA adapters; the attention mode at step 0."""
-    from embedlib.encoder import Encoder
+    """The Encoder as model.* asks: under ZeRO-3 built inside deepspeed.zero.Init with each rank reading only
+    its partition of the weights (training/zero3_loading.py), a frozen input embedding split by vocabulary
+    rather than gathered at every forward; gradient checkpointing; LoRA adapters; the attention mode at step 0."""
+    from embedlib.encoder import Encoder, backbone_dir
 
     torch.manual_seed(seed)  # a new projection and new adapters start identically on every rank
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    load_backbone = None
     if zero3:
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-        # While this object lives, from_pretrained builds the model under zero.Init with these settings.
-        zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 (held for its side effect)
-    try:
-        encoder = Encoder.from_pretrained(model_path, pooling=m.pooling, output_dim=m.output_dim,
-                                          normalize=m.normalize, max_length=m.max_length,
-                                          trust_remote_code=m.trust_remote_code)
-    finally:
-        if zero3:  # later loads in this process (the evaluation of an export on rank 0) are plain again
-            unset_hf_deepspeed_config()
-    if zero3 and hasattr(encoder.backbone, "_weight_conversions"):
-        # transformers' zero.Init load keeps its legacy renamings (BERT's LayerNorm gamma/beta) and would
-        # write exports with them; without, save_pretrained uses the names a plain load saves with.
-        encoder.backbone._weight_conversions = None
+        def load_backbone(directory, hf_config, dtype, trust_remote_code):
+            return zero3_loading.load_backbone_zero3(directory, hf_config, ds_config, dtype, trust_remote_code)
+    encoder = Encoder.from_pretrained(model_path, pooling=m.pooling, output_dim=m.output_dim,
+                                      normalize=m.normalize, max_length=m.max_length,
+                                      trust_remote_code=m.trust_remote_code, load_backbone=load_backbone)
     if m.gradient_checkpointing:
         if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
             raise ConfigError(f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it")
@@ -283,6 +275,8 @@ def load_encoder(m: ModelConfig, model_path: Path, ds_config: dict, seed: int):
             raise ConfigError(f"model.lora.target_modules: {error}") from None
         if m.gradient_checkpointing:
             encoder.backbone.get_base_model().disable_input_require_grads()
+    if zero3 and zero3_loading.shard_frozen_embedding(encoder.backbone, backbone_dir(model_path)):
+        logger.info("ZeRO-3: the frozen input embedding is split by vocabulary over the ranks")
     set_attention(encoder, m, 0)
     return encoder
 
