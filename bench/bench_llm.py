@@ -8,8 +8,10 @@ loading and while training, and seconds per step, on 2 CPU ranks with a random Q
 
 The default shape is Qwen2.5-0.5B's (about 494M parameters, tied embeddings), random weights written once
 as sharded safetensors into a temporary directory (nothing is downloaded). Every configuration runs in 2
-fresh ranks (torch.multiprocessing, gloo, 1 thread each), so each rank's peak resident set (getrusage
-ru_maxrss: the whole process) belongs to that configuration alone:
+fresh ranks (torch.multiprocessing, gloo, 1 thread each), so each rank's peak resident set (VmHWM in
+/proc/self/status: the whole process since its exec; not getrusage's ru_maxrss, which a spawned process
+inherits from its parent at the fork, here the gigabytes of the process that wrote the model) belongs to
+that configuration alone:
 
     zero2-full / zero3-full   the trainer's build_engine and train_step (training/main.py) with the
     zero2-lora / zero3-lora   llm_lora recipe: full fine-tuning or LoRA (r 16, attention and MLP), ZeRO-2
@@ -38,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -302,7 +303,7 @@ def make_batch(rank: int, args: dict):
 class Phases:
     """The largest resident set seen in each phase of a rank's life (load, ds_initialize, forward_backward,
     optimizer_step), sampled by the watchdog thread every 10 ms, with its split into anonymous memory
-    and file pages (the safetensors files a loader maps count in the resident set too). ru_maxrss only
+    and file pages (the safetensors files a loader maps count in the resident set too). VmHWM only
     says the overall peak; this says where it is."""
 
     def __init__(self):
@@ -341,7 +342,8 @@ def rss_split_gb() -> tuple[float, float]:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    with open("/proc/self/status") as f:  # the peak of this process's own memory map, reset by exec
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
 
 
 def aims(rows: list[dict]) -> dict:
