@@ -14,8 +14,8 @@ its SciFact positive and 3 negatives (corpus passages drawn at random), so a ran
    an untimed round, so that the machine's load hits all alike: the median step time of each and
    its ratio to the plain step's.
 2. Memory (--plain, --cache): every configuration runs in 2 fresh ranks, so that each rank's peak
-   resident set (getrusage ru_maxrss: the whole process, libraries, model, optimizer, data,
-   activations) belongs to it alone, with its seconds per step (--steps timed after one untimed step;
+   resident set (VmHWM: the whole process since its exec, libraries, model, optimizer, data,
+   activations; not ru_maxrss, which a spawned rank inherits from its parent) belongs to it alone, with its seconds per step (--steps timed after one untimed step;
    batches above 256 queries: one timed step). Plain batches are tried in increasing order until a
    rank passes the cap; a rank whose resident set passes --safety-gb is stopped and recorded as such,
    to keep a shared machine alive. The largest batch under the cap is read from the measured peaks
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -250,7 +249,8 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    with open("/proc/self/status") as f:  # the peak of this process's own memory map, reset by exec
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
 
 
 def rank_main(rank: int, port: int, model: str, global_batch: int, chunk_size: int | None, max_length: int,
