@@ -1,14 +1,14 @@
 """What do ZeRO-3 with zero.Init and LoRA buy on an LLM backbone? Peak resident memory per rank while
-loading and while training, and seconds per step, on 2 CPU ranks with a random Qwen2-shaped model.
+loading and while training, and seconds per step, on CPU ranks (2 by default) with a random Qwen2-shaped model.
 
     .venv/bin/python bench/bench_llm.py [--configs zero2-full zero3-full zero2-lora zero3-lora plain-lora]
         [--layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936]
-        [--batch 2 --negatives 1 --max-length 64 --steps 3] [--gradient-checkpointing] [--safety-gb 9]
+        [--ranks 2] [--batch 2 --negatives 1 --max-length 64 --steps 3] [--gradient-checkpointing] [--safety-gb 9]
         [--zero3-config ds_configs/zero3.json] [--json out.json]
 
 The default shape is Qwen2.5-0.5B's (about 494M parameters, tied embeddings), random weights written once
-as sharded safetensors into a temporary directory (nothing is downloaded). Every configuration runs in 2
-fresh ranks (torch.multiprocessing, gloo, 1 thread each), so each rank's peak resident set (VmHWM in
+as sharded safetensors into a temporary directory (nothing is downloaded). Every configuration runs in
+--ranks fresh ranks (torch.multiprocessing, gloo, 1 thread each), so each rank's peak resident set (VmHWM in
 /proc/self/status: the whole process since its exec; not getrusage's ru_maxrss, which a spawned process
 inherits from its parent at the fork, here the gigabytes of the process that wrote the model) belongs to
 that configuration alone:
@@ -57,7 +57,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
-WORLD = 2
 CONFIGS = ("zero2-full", "zero3-full", "zero2-lora", "zero3-lora", "plain-lora")
 
 
@@ -70,6 +69,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=14)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--ranks", type=int, default=2, help="processes (ZeRO-3 holds 1/ranks of the weights on each)")
     p.add_argument("--batch", type=int, default=2, help="queries per rank")
     p.add_argument("--negatives", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
@@ -131,7 +131,7 @@ def run_config(args, name: str, model_dir: Path, tmp: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        mp.start_processes(rank_main, args=(port, name, str(model_dir), vars(args), str(out)), nprocs=WORLD,
+        mp.start_processes(rank_main, args=(port, name, str(model_dir), vars(args), str(out)), nprocs=args.ranks,
                            start_method="spawn")
         status = "ok"
     except mp.ProcessExitedException as error:
@@ -139,7 +139,7 @@ def run_config(args, name: str, model_dir: Path, tmp: Path) -> dict:
     stopped = [json.loads(f.read_text()) for f in out.glob("stopped*.json")]
     row = {"config": name, "status": f"stopped above {args.safety_gb} GB" if stopped else status}
     reports = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
-    if len(reports) == WORLD:
+    if len(reports) == args.ranks:
         row.update(load_s=round(max(r["load_s"] for r in reports), 1),
                    peak_rss_load_gb=round(max(r["peak_rss_load_gb"] for r in reports), 3),
                    peak_rss_train_gb=round(max(r["peak_rss_train_gb"] for r in reports), 3),
@@ -152,7 +152,7 @@ def run_config(args, name: str, model_dir: Path, tmp: Path) -> dict:
 
 
 def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args["ranks"]),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
 
     phases = Phases()
@@ -193,7 +193,8 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
     os.chdir(REPO)
     config = load_config(REPO / "training" / "recipes" / "llm_lora.yaml", overrides)
     path = check_model(config)
-    kinds = ["retrieval"] * WORLD
+    world = args["ranks"]
+    kinds = ["retrieval"] * world
 
     dist.barrier()
     started = time.perf_counter()
@@ -201,7 +202,7 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
     if stage == "plain":
         encoder = load_encoder(config.model, path, {}, config.seed)
         encoder.device = torch.device("cpu")  # grad_cache.forward moves inputs to `.device`
-        step = plain_step(encoder, config, phases)
+        step = plain_step(encoder, config, phases, world)
     else:
         initialize = deepspeed.initialize
 
@@ -210,7 +211,7 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
             return initialize(*a, **k)
 
         deepspeed.initialize = timed_initialize
-        ds_config = build_ds_config(config, WORLD, has_gpu=False)
+        ds_config = build_ds_config(config, world, has_gpu=False)
         engine = build_engine(config, path, ds_config)
         deepspeed.initialize = initialize
         encoder = engine.module
@@ -246,7 +247,7 @@ def rank_main(rank: int, port: int, name: str, model_dir: str, args: dict, out: 
     dist.destroy_process_group()
 
 
-def plain_step(encoder, config, phases):
+def plain_step(encoder, config, phases, world: int):
     """The loop a user would write with torch and peft alone: the same forwards and loss as the trainer,
     gradients averaged over ranks with one all_reduce each, clipping, AdamW with the same LR schedule (so
     its losses match the DeepSpeed LoRA runs')."""
@@ -267,12 +268,12 @@ def plain_step(encoder, config, phases):
 
     def step(batch) -> float:
         phases.enter("forward_backward")
-        out = cbb_step_loss(embed(encoder, batch), ["retrieval"] * WORLD, config.loss, WORLD)
+        out = cbb_step_loss(embed(encoder, batch), ["retrieval"] * world, config.loss, world)
         out.loss.backward()
         phases.enter("optimizer_step")
         for p in trainable:
             dist.all_reduce(p.grad)
-            p.grad /= WORLD
+            p.grad /= world
         torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -296,7 +297,7 @@ def make_batch(rank: int, args: dict):
         ids[:, -1] = 1  # <|endoftext|>
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    return RetrievalBatch(step=0, task="data", assignment=("data",) * WORLD, cursors_after=[], query=texts(q),
+    return RetrievalBatch(step=0, task="data", assignment=("data",) * args["ranks"], cursors_after=[], query=texts(q),
                           passages=texts(q + q * n), num_negatives=n, rows=tuple(range(q)), negatives=None)
 
 

@@ -90,9 +90,9 @@ def check_model(model_dir: str, ds_config: dict) -> dict:
             result["forward_max_abs_diff"] = max(
                 (reference(**dict(reference.tokenizer(o["texts"], padding=True, return_tensors="pt")))
                  - torch.tensor(o["embeddings"])).abs().max().item() for o in outputs)
-        expected_state = {k: v for k, v in reference.state_dict().items()}
-        result["export_missing"] = sorted(set(expected_state) - set(state))
-        result["export_unequal"] = [k for k in expected_state if k in state and not torch.equal(state[k], expected_state[k])]
+        wanted = reference.state_dict()
+        result["export_missing"] = sorted(set(wanted) - set(state))
+        result["export_unequal"] = [k for k in wanted if k in state and not torch.equal(state[k], wanted[k])]
     return result
 
 
