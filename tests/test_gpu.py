@@ -1,5 +1,6 @@
 """GPU paths, on a CUDA GPU (marker `gpu`; skipped without one): a bf16 training step, ZeRO-2 and ZeRO-3
-on one GPU over NCCL, the GPU exact search against FAISS on the CPU, and exports of a GPU run that load in
+on one GPU over NCCL, the LLM recipe (ZeRO-3 loader, vocabulary-split embedding, LoRA, bf16) on a tiny
+Qwen2, the GPU exact search against FAISS on the CPU, and exports of a GPU run that load in
 transformers and sentence-transformers. `make gpu-check` (bench/gpu_check.py) runs them on the GPU
 machine; tests/test_search_torch.py runs the search comparison's CPU half everywhere.
 
@@ -199,6 +200,77 @@ def test_evaluation_and_mining_search_on_the_gpu_without_faiss_gpu():
 # The DeepSpeed worker (this file run as a script by zero_runs)
 
 
+@pytest.fixture(scope="module")
+def llm_run(gpu_pairs, tmp_path_factory) -> dict:
+    """The llm_lora recipe (ZeRO-3, LoRA, gradient checkpointing, bf16; attention fully bidirectional, so
+    that the three steps on one batch train one function) on a tiny random Qwen2, on one GPU over NCCL,
+    then an export: what the run saw."""
+    pytest.importorskip("deepspeed")
+    from llm_models import build_tiny_decoder
+
+    model = build_tiny_decoder(tmp_path_factory.mktemp("gpu_qwen2"), "qwen2")
+    out = tmp_path_factory.mktemp("llm")
+    env = dict(os.environ, DS_ACCELERATOR="cuda", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join(
+                   [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, __file__, "llm", str(model), str(gpu_pairs), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"LLM worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return json.loads((out / "result.json").read_text())
+
+
+def test_llm_lora_zero3_bf16_on_one_gpu_over_nccl(llm_run):
+    """The ZeRO-3 loader read the weights on the GPU, the frozen embedding is split by vocabulary (the
+    lookup's collectives over NCCL), three bf16 steps lower the loss, and the export's embedding is the
+    base model's in bf16."""
+    run = llm_run
+    assert run["backend"] == "nccl" and run["zero_stage"] == 3 and run["bf16"]
+    assert run["embedding"] == {"type": "VocabShardedEmbedding", "dtype": "torch.bfloat16", "device": "cuda:0"}
+    assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]
+    assert run["export_embedding_equals_base"]
+
+
+def _llm_worker(model_dir: str, pairs: str, out: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from training.config import build_ds_config, load_config
+    from training.data import SamplerState, StepDataset, StepSampler, load_tasks
+    from training.export import export_model
+    from training.main import build_engine, set_attention, train_step
+
+    out = Path(out)
+    deepspeed.init_distributed(dist_backend="nccl")
+    config = load_config(REPO / "training" / "recipes" / "llm_lora.yaml", [
+        f"run_dir={out / 'run'}", f"model.path={model_dir}", "model.max_length=64", "model.attention=bidirectional",
+        f"data.0.path={pairs}", "data.0.corpus=null", "data.0.batch_size=8", "data.0.num_negatives=1",
+        "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "train.precision=bf16",
+        "train.num_workers=0", "train.grad_cache.chunk_size=4"])
+    engine = build_engine(config, Path(model_dir), build_ds_config(config, 1, has_gpu=True))
+    tasks = load_tasks(config)
+    plan = next(iter(StepSampler(tasks, {tasks[0].name: 1.0}, 1, 0, config.seed, "balanced", 0,
+                                 SamplerState.initial(tasks))))
+    batch = StepDataset(tasks, engine.module.tokenizer, config.model.max_length, config.seed)[plan]
+    losses = []
+    for step in range(3):
+        set_attention(engine.module, config.model, step)
+        losses.append(train_step(engine, batch, ["retrieval"], config).value)
+    embedding = engine.module.backbone.get_base_model().get_input_embeddings()
+    rows = embedding.rows if hasattr(embedding, "rows") else embedding.weight
+    info = export_model(engine, out / "run", 3, keep=1, extra={"model_source": model_dir, "world_size": 1},
+                        lora=config.model.lora)
+    base = load_file(str(Path(model_dir) / "model.safetensors"))["model.embed_tokens.weight"]
+    exported = load_file(str(info.path / "model.safetensors"))["embed_tokens.weight"]
+    result = {"zero_stage": engine.zero_optimization_stage(), "backend": dist.get_backend(),
+              "bf16": engine.bfloat16_enabled(), "losses": losses,
+              "embedding": {"type": type(embedding).__name__, "dtype": str(rows.dtype), "device": str(rows.device)},
+              "export_embedding_equals_base": bool(torch.equal(exported, base.to(exported.dtype)))}
+    (out / "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(stage: int, model_dir: str, pairs: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -242,4 +314,7 @@ def _worker(stage: int, model_dir: str, pairs: str, out: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+    if sys.argv[1] == "llm":
+        _llm_worker(*sys.argv[2:5])
+    else:
+        _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
