@@ -1,6 +1,7 @@
 """ZeRO-3 from the first byte (training/zero3_loading.py, issue 16), at 2 gloo ranks on tiny random decoders:
 each rank reads only its partition of every weight, and gathered they are the plain load's bit for bit
-(a Qwen2 in float32, a Llama stored as bfloat16 in several shards); a checkpoint that does not map onto
+(a Qwen2 in float32, a Llama stored as bfloat16 in several shards, a Qwen2 saved as the base model
+alone, as exports are); a checkpoint that does not map onto
 the model is loaded by transformers with a warning that says why; the frozen input embedding split by
 vocabulary gives each rank's batch the plain embedding's vectors, exports whole, and an id past the
 vocabulary fails on every rank. The worker is tests/zero3_loading_worker.py."""
@@ -23,17 +24,18 @@ TIMEOUT_S = 300
 WORLD_SIZE = 2
 
 
-def _resaved(source, target, dtype=None, drop=None, max_shard_size="10KB"):
-    """The model of `source` saved again into `target`: in another dtype, in shards, or without a weight."""
+def _resaved(source, target, dtype=None, drop=None, base_model=False, max_shard_size="10KB"):
+    """The model of `source` saved again into `target`: in another dtype, in shards, without a weight, or
+    as the base model alone (weight names without the causal LM's "model." prefix, as our exports)."""
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     shutil.copytree(source, target)
     for f in list(target.glob("model*.safetensors*")):
         f.unlink()
     if drop is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        model = (AutoModel if base_model else AutoModelForCausalLM).from_pretrained(source, dtype=dtype or torch.float32)
         model.save_pretrained(target, max_shard_size=max_shard_size)
     else:
         weights = load_file(str(source / "model.safetensors"))
@@ -50,6 +52,7 @@ def results(tmp_path_factory):
     qwen2 = build_tiny_decoder(root / "qwen2", "qwen2")
     llama = build_tiny_decoder(root / "llama_fp32", "llama")
     models = [qwen2, _resaved(llama, root / "llama_bf16_sharded", dtype=torch.bfloat16),
+              _resaved(qwen2, root / "qwen2_base_model", base_model=True),
               _resaved(qwen2, root / "qwen2_without_norm", drop="model.norm.weight")]
     out_dir = root / "out"
     out_dir.mkdir()
@@ -65,7 +68,7 @@ def results(tmp_path_factory):
     return json.loads((out_dir / "results.json").read_text())
 
 
-@pytest.mark.parametrize("model", ["qwen2", "llama_bf16_sharded"])
+@pytest.mark.parametrize("model", ["qwen2", "llama_bf16_sharded", "qwen2_base_model"])
 def test_each_rank_reads_its_partition_and_gathered_it_is_the_plain_load(results, model):
     r = results[model]
     assert r["warnings"] == []  # read by our loader, not handed to transformers
@@ -80,10 +83,10 @@ def test_a_checkpoint_without_a_weight_goes_through_transformers_with_a_warning(
     assert r["backbone_names_equal"] and r["backbone_unequal"] == []
 
 
-@pytest.mark.parametrize("model", ["qwen2", "llama_bf16_sharded"])
+@pytest.mark.parametrize("model", ["qwen2", "llama_bf16_sharded", "qwen2_base_model"])
 def test_frozen_embedding_split_by_vocabulary(results, model):
     r = results[model]
-    vocabulary = len(WORDS) + (2 if model == "qwen2" else 3)  # llm_models: the words and the special tokens
+    vocabulary = len(WORDS) + (3 if model.startswith("llama") else 2)  # llm_models: the words and the special tokens
     assert r["sharded_rows"] == [math.ceil(vocabulary / WORLD_SIZE)]  # rank 0's: half the rows
     assert r["forward_max_abs_diff"] < 1e-5  # each rank's batch, other ids on each, as one process encodes it
     assert r["export_missing"] == [] and r["export_unequal"] == []  # the export has the whole embedding
