@@ -35,7 +35,8 @@ def _resaved(source, target, dtype=None, drop=None, base_model=False, max_shard_
     for f in list(target.glob("model*.safetensors*")):
         f.unlink()
     if drop is None:
-        model = (AutoModel if base_model else AutoModelForCausalLM).from_pretrained(source, dtype=dtype or torch.float32)
+        model_class = AutoModel if base_model else AutoModelForCausalLM
+        model = model_class.from_pretrained(source, dtype=dtype or torch.float32)
         model.save_pretrained(target, max_shard_size=max_shard_size)
     else:
         weights = load_file(str(source / "model.safetensors"))
