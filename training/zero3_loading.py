@@ -10,8 +10,8 @@ gathering it doubled a ZeRO-3 rank's peak. Here instead:
                           (the flattened tensor's elements [rank * p, (rank + 1) * p), DeepSpeed's layout),
                           converting the file's dtype as it copies: nothing is gathered, broadcast or mapped.
                           A checkpoint it cannot map one to one onto the model (a weight missing, another
-                          shape, a dtype safetensors has but torch.frombuffer cannot read) is loaded by
-                          transformers instead, with a warning that says why.
+                          shape, a dtype torch cannot read from bytes), or a model with remote code, is
+                          loaded by transformers instead, with a warning that says why.
     shard_frozen_embedding  replaces a frozen input embedding (LoRA trains none of it) with
                           VocabShardedEmbedding: rows split by vocabulary over the ranks, read from the
                           files; a lookup exchanges only the rows the ranks' batches use.
@@ -107,17 +107,18 @@ def load_backbone_zero3(backbone_dir: Path, hf_config, ds_config: dict, dtype: t
     from transformers import AutoModel
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
-
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
         if trust_remote_code:
             raise UnsupportedCheckpoint("a model with remote code")
+        if type(hf_config) not in MODEL_MAPPING:
+            raise UnsupportedCheckpoint(f"no AutoModel class for {type(hf_config).__name__}")
         # Imported before zero.Init: it wraps the __init__ of classes defined inside it, and restores on
         # exit the __init__ they had before their decorators (transformers' kernel hooks) for good.
         MODEL_MAPPING[type(hf_config)]
         tensors = stored_tensors(backbone_dir)
-    except (UnsupportedCheckpoint, KeyError) as reason:
+    except UnsupportedCheckpoint as reason:
         return _load_through_transformers(backbone_dir, hf_config, ds_config, dtype, trust_remote_code, reason)
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModel.from_config(hf_config, dtype=dtype)
