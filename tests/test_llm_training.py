@@ -122,3 +122,22 @@ def test_llm_lora_zero3_softmask_run_resume_export_and_mining(tmp_path, qwen2_di
                        "--run-dir", tmp_path / "mine_run", "--k", "5", "--max-length", "32")
     assert mined.returncode == 0, mined.stderr[-3000:]
     assert (tmp_path / "mine_run" / "negatives" / "v000001" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_weights_file_cut_short_is_one_error_line(tmp_path, qwen2_dir, scifact_dir):
+    # Under ZeRO-3 each rank reads its own range of the file, so a rank-local read error would leave the
+    # other rank waiting and no one saying why; the headers are checked first, identically on every rank.
+    model = tmp_path / "model"
+    shutil.copytree(qwen2_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    corpus, pairs = scifact_slice(scifact_dir, tmp_path / "data", num_pairs=20, num_docs=60)
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "training/main.py", "--config", str(RECIPE), f"run_dir={tmp_path / 'run'}", f"model.path={model}",
+               f"data.0.path={pairs}", f"data.0.corpus={corpus}", "train.num_workers=0", "train.progress=false"]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert str(weights) in errors[0] and "bytes before this tensor's end" in errors[0], errors

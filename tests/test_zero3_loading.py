@@ -92,3 +92,23 @@ def test_frozen_embedding_split_by_vocabulary(results, model):
     assert r["forward_max_abs_diff"] < 1e-5  # each rank's batch, other ids on each, as one process encodes it
     assert r["export_missing"] == [] and r["export_unequal"] == []  # the export has the whole embedding
     assert "outside the embedding" in r["out_of_range"]
+
+
+def test_a_broken_weights_directory_is_an_error_naming_the_file(tmp_path):
+    from embedlib.encoder import EncoderError
+    from training.zero3_loading import stored_tensors
+
+    model = build_tiny_decoder(tmp_path / "model", "qwen2")
+    weights = model / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + good[24:])
+    with pytest.raises(EncoderError, match=f"{weights}: not a safetensors file"):
+        stored_tensors(model)
+    weights.write_bytes(good[:-100])
+    with pytest.raises(EncoderError, match=rf"{weights}: .*: the file ends \d+ bytes before this tensor's end"):
+        stored_tensors(model)
+    weights.write_bytes(good)
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(EncoderError, match="names model-00002-of-00002.safetensors, which is not in"):
+        stored_tensors(model)

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from embedlib.encoder import EncoderError
+
 logger = logging.getLogger(__name__)
 
 # safetensors dtype names torch can read from raw bytes
@@ -70,10 +72,15 @@ class StoredTensor:
 
 
 def stored_tensors(backbone_dir: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the directory's model.safetensors or of the shards its index names, by key."""
+    """Every tensor of the directory's model.safetensors or of the shards its index names, by key. A file
+    that is not safetensors, or was cut short, is an EncoderError naming it: every rank reads the same
+    headers, so every rank stops here, before any reads its own range of a file."""
     index = backbone_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise EncoderError(f"{index}: not a safetensors index (no weight_map: {error})") from None
     elif (backbone_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -81,19 +88,26 @@ def stored_tensors(backbone_dir: Path) -> dict[str, StoredTensor]:
     tensors = {}
     for name in files:
         path = backbone_dir / name
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            if meta["dtype"] not in SAFETENSORS_DTYPES:
-                raise UnsupportedCheckpoint(f"{path}: {key}: dtype {meta['dtype']}")
-            begin, end = meta["data_offsets"]
-            stored = StoredTensor(path, key, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]),
-                                  8 + header_size + begin)
-            if end - begin != stored.numel * torch.empty((), dtype=stored.dtype).element_size():
-                raise UnsupportedCheckpoint(f"{path}: {key}: {end - begin} bytes for shape {stored.shape}")
+        if not path.is_file():
+            raise EncoderError(f"{index}: names {name}, which is not in {backbone_dir}")
+        try:
+            with open(path, "rb") as f:
+                (header_size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_size))
+            entries = [(key, SAFETENSORS_DTYPES.get(meta["dtype"]), meta["dtype"], tuple(meta["shape"]),
+                        *meta["data_offsets"]) for key, meta in header.items() if key != "__metadata__"]
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise EncoderError(f"{path}: not a safetensors file (its header does not parse: {error})") from None
+        data_size = path.stat().st_size - 8 - header_size
+        for key, dtype, dtype_name, shape, begin, end in entries:
+            if dtype is None:
+                raise UnsupportedCheckpoint(f"{path}: {key}: dtype {dtype_name}")
+            stored = StoredTensor(path, key, dtype, shape, 8 + header_size + begin)
+            if end - begin != stored.numel * torch.empty((), dtype=dtype).element_size() or begin > end:
+                raise EncoderError(f"{path}: {key}: {end - begin} bytes for shape {list(shape)} in {dtype_name}")
+            if end > data_size:
+                raise EncoderError(f"{path}: {key}: the file ends {end - data_size} bytes before this tensor's "
+                                   "end (cut short while copying?)")
             tensors[key] = stored
     return tensors
 
