@@ -15,8 +15,9 @@ its SciFact positive and 3 negatives (corpus passages drawn at random), so a ran
    its ratio to the plain step's.
 2. Memory (--plain, --cache): every configuration runs in 2 fresh ranks, so that each rank's peak
    resident set (VmHWM: the whole process since its exec, libraries, model, optimizer, data,
-   activations; not ru_maxrss, which a spawned rank inherits from its parent) belongs to it alone, with its seconds per step (--steps timed after one untimed step;
-   batches above 256 queries: one timed step). Plain batches are tried in increasing order until a
+   activations; not ru_maxrss, which a spawned rank inherits from its parent) belongs to it alone,
+   with its seconds per step (--steps timed after one untimed step; batches above 256 queries: one
+   timed step). Plain batches are tried in increasing order until a
    rank passes the cap; a rank whose resident set passes --safety-gb is stopped and recorded as such,
    to keep a shared machine alive. The largest batch under the cap is read from the measured peaks
    (measured, not enforced).

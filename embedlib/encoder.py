@@ -419,9 +419,10 @@ class Encoder(nn.Module):
         return embeddings
 
     def _compute_dtype(self) -> torch.dtype:
-        """The dtype attention runs in: autocast's when it is on, else the weights'. The weight is taken
-        through parameters(): under ZeRO-3 reading the `.weight` attribute inside the engine's forward
-        would gather the whole embedding on every rank and hold it until the backward pass ends."""
+        """The dtype attention runs in: autocast's when it is on, else the input embedding's. Its tensor is
+        taken through parameters() (or buffers(), for one split by vocabulary): under ZeRO-3 reading the
+        `.weight` attribute inside the engine's forward would gather the whole embedding on every rank
+        and hold it until the backward pass ends."""
         embedding = self.backbone.get_input_embeddings()  # its weight is a buffer when sharded by vocabulary
         weight = next(itertools.chain(embedding.parameters(), embedding.buffers()))
         if torch.is_autocast_enabled(weight.device.type):

@@ -61,7 +61,7 @@ class StoredTensor:
 
     def read(self, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of the flattened tensor, read from the file (1-D, file dtype)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype.itemsize
         data = bytearray(count * size)
         with open(self.file, "rb") as f:
             f.seek(self.offset + start * size)
@@ -103,7 +103,7 @@ def stored_tensors(backbone_dir: Path) -> dict[str, StoredTensor]:
             if dtype is None:
                 raise UnsupportedCheckpoint(f"{path}: {key}: dtype {dtype_name}")
             stored = StoredTensor(path, key, dtype, shape, 8 + header_size + begin)
-            if end - begin != stored.numel * torch.empty((), dtype=dtype).element_size() or begin > end:
+            if end - begin != stored.numel * dtype.itemsize or begin > end:
                 raise EncoderError(f"{path}: {key}: {end - begin} bytes for shape {list(shape)} in {dtype_name}")
             if end > data_size:
                 raise EncoderError(f"{path}: {key}: the file ends {end - data_size} bytes before this tensor's "
@@ -154,14 +154,9 @@ def load_backbone_zero3(backbone_dir: Path, hf_config, ds_config: dict, dtype: t
 def _match(model: nn.Module, tensors: dict[str, StoredTensor]) -> list[tuple[torch.Tensor, StoredTensor]]:
     """(parameter or persistent buffer, its stored tensor) for the whole model; the files' own names may
     carry the causal LM's prefix ("model.layers.0..." for the base model's "layers.0...")."""
-    prefix = getattr(model, "base_model_prefix", "")
-
-    def stored_for(name: str) -> StoredTensor | None:
-        return tensors.get(name) or (tensors.get(f"{prefix}.{name}") if prefix else None)
-
     plan = []
     for name, param in model.named_parameters():
-        stored = stored_for(name)
+        stored = _stored_for(tensors, model, name)
         if stored is None:
             raise UnsupportedCheckpoint(f"no weight for {name}")
         if stored.shape != tuple(param.ds_shape):
@@ -169,10 +164,16 @@ def _match(model: nn.Module, tensors: dict[str, StoredTensor]) -> list[tuple[tor
         plan.append((param, stored))
     persistent = set(model.state_dict().keys())
     for name, buffer in model.named_buffers():
-        stored = stored_for(name) if name in persistent else None
+        stored = _stored_for(tensors, model, name) if name in persistent else None
         if stored is not None and stored.shape == tuple(buffer.shape):  # else it keeps its constructed value
             plan.append((buffer, stored))
     return plan
+
+
+def _stored_for(tensors: dict[str, StoredTensor], model: nn.Module, name: str) -> StoredTensor | None:
+    """The stored tensor of the model's `name`, under its own name or the causal LM's prefixed one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return tensors.get(name) or (tensors.get(f"{prefix}.{name}") if prefix else None)
 
 
 def _read_partition(param: torch.Tensor, stored: StoredTensor) -> None:
@@ -208,12 +209,12 @@ def _load_through_transformers(backbone_dir, hf_config, ds_config, dtype, trust_
 
 
 class VocabShardedEmbedding(nn.Module):
-    """A frozen input embedding whose rows are split over the ranks by token id: rank r holds rows
-    [r * per_rank, (r + 1) * per_rank). A lookup is collective: the ranks exchange the ids their batches
-    use, each fills the rows of the union it holds, and one all_reduce gives every rank all of them (the
-    others contribute exact zeros, so the sum is the row itself). Memory and traffic are the union's rows,
-    not the vocabulary's, which ZeRO-3 gathers whole at every forward. Like any ZeRO-3 module it must be
-    called the same number of times on every rank."""
+    """A frozen input embedding whose rows are split over the ranks by token id (rank r holds rows
+    [r * p, (r + 1) * p), p = _rows_per_rank). A lookup is collective: the ranks exchange the ids their
+    batches use, each fills the rows of the union it holds, and one all_reduce gives every rank all of
+    them (the others contribute exact zeros, so the sum is the row itself). Memory and traffic are the
+    union's rows, not the vocabulary's, which ZeRO-3 gathers whole at every forward. Like any ZeRO-3
+    module it must be called the same number of times on every rank."""
 
     def __init__(self, rows: torch.Tensor, start: int, num_embeddings: int):
         super().__init__()
@@ -239,6 +240,11 @@ class VocabShardedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.start}, {self.start + self.rows.shape[0]})"
 
 
+def _rows_per_rank(vocab: int) -> int:
+    """Rank r of a VocabShardedEmbedding holds rows [r * this, (r + 1) * this), the last rank fewer."""
+    return math.ceil(vocab / dist.get_world_size())
+
+
 def _all_unique(ids: torch.Tensor) -> torch.Tensor:
     """The sorted union of every rank's ids (gloo's all_gather takes equal sizes: padded, counts first)."""
     world = dist.get_world_size()
@@ -262,13 +268,11 @@ def shard_frozen_embedding(backbone: nn.Module, backbone_dir: Path) -> bool:
     if type(embedding) is not nn.Embedding or embedding.weight.requires_grad:
         return False
     name = next(n for n, m in base.named_modules() if m is embedding)
-    prefix = getattr(base, "base_model_prefix", "")
     with contextlib.suppress(UnsupportedCheckpoint):
-        tensors = stored_tensors(backbone_dir)
-        stored = tensors.get(f"{name}.weight") or tensors.get(f"{prefix}.{name}.weight")
+        stored = _stored_for(stored_tensors(backbone_dir), base, f"{name}.weight")
         if stored is not None and stored.shape == tuple(embedding.weight.ds_shape):
             vocab, dim = stored.shape
-            per_rank = math.ceil(vocab / dist.get_world_size())
+            per_rank = _rows_per_rank(vocab)
             start = min(vocab, dist.get_rank() * per_rank)
             count = min(per_rank, vocab - start)
             part = embedding.weight.ds_tensor  # the dtype and device the model computes in
@@ -286,8 +290,8 @@ def gather_sharded_embeddings(module: nn.Module) -> dict[str, torch.Tensor] | No
         if not isinstance(sharded, VocabShardedEmbedding):
             continue
         rows = sharded.rows
-        per_rank = math.ceil(sharded.num_embeddings / dist.get_world_size())
-        padded = torch.zeros(per_rank, sharded.embedding_dim, dtype=rows.dtype, device=rows.device)
+        padded = torch.zeros(_rows_per_rank(sharded.num_embeddings), sharded.embedding_dim, dtype=rows.dtype,
+                             device=rows.device)
         padded[:rows.shape[0]] = rows
         parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
         dist.gather(padded, parts, dst=0)
