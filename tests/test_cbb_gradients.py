@@ -9,21 +9,13 @@ The same check with classic mistakes injected must fail.
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import pytest
-import torch.multiprocessing as mp
 
 import cbb_worker
+from rank_processes import spawn_ranks
 
 TIMEOUT_S = 300  # 25 to 45 s per world size on 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
@@ -31,19 +23,7 @@ def ranks(request, tiny_bert_dir, tmp_path_factory):
     """One process group per world size; every check of this module reads its results."""
     world_size = request.param
     out_dir = tmp_path_factory.mktemp(f"cbb_{world_size}")
-    processes = mp.start_processes(
-        cbb_worker.main,
-        args=(world_size, free_port(), str(tiny_bert_dir), str(out_dir)),
-        nprocs=world_size,
-        start_method="spawn",
-        join=False,
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not processes.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:  # a collective that never completes would hang the suite
-            for process in processes.processes:
-                process.kill()
-            pytest.fail(f"the {world_size} ranks did not finish within {TIMEOUT_S} s")
+    spawn_ranks(cbb_worker.main, world_size, str(tiny_bert_dir), str(out_dir), timeout_s=TIMEOUT_S)
     return world_size, json.loads((out_dir / "results.json").read_text())
 
 

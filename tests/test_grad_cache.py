@@ -14,10 +14,8 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import grad_cache_worker
+from rank_processes import free_port, spawn_ranks
 from training.config import ConfigError, load_config
 from training.grad_cache import split, text_keys
 from training.loss import LossConfig, RetrievalEmbeddings, cbb_step_loss, false_negative_mask
@@ -36,23 +35,6 @@ QUICKSTART = REPO / "training" / "recipes" / "quickstart.yaml"
 TIMEOUT_S = 400  # 20 s (1 rank), 90 s (2 ranks), 65 s (3 ranks) on 2 busy cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(entry, world_size: int, *args) -> None:
-    processes = mp.start_processes(entry, args=(world_size, free_port(), *args), nprocs=world_size,
-                                   start_method="spawn", join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not processes.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:  # a collective that never completes would hang the suite
-            for process in processes.processes:
-                process.kill()
-            pytest.fail(f"the {world_size} ranks did not finish within {TIMEOUT_S} s")
-
-
 @pytest.fixture(scope="module")
 def results(tiny_bert_dir, tmp_path_factory):
     """results(world_size): the worker's results at that world size, one process group each, run once."""
@@ -61,7 +43,7 @@ def results(tiny_bert_dir, tmp_path_factory):
     def of(world_size: int) -> dict:
         if world_size not in found:
             out_dir = tmp_path_factory.mktemp(f"grad_cache_{world_size}")
-            spawn(grad_cache_worker.main, world_size, str(tiny_bert_dir), str(out_dir))
+            spawn_ranks(grad_cache_worker.main, world_size, str(tiny_bert_dir), str(out_dir), timeout_s=TIMEOUT_S)
             found[world_size] = json.loads((out_dir / "results.json").read_text())
         return found[world_size]
 
@@ -145,7 +127,7 @@ def test_ranks_must_pad_their_chunk_counts(tiny_bert_dir):
     """Without padding (ranks with fewer chunks run fewer forwards and backwards) ZeRO-2's reductions in
     backward hooks no longer pair up across ranks and the step fails."""
     with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
-        spawn(grad_cache_worker.without_padding, 2, str(tiny_bert_dir))
+        spawn_ranks(grad_cache_worker.without_padding, 2, str(tiny_bert_dir), timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------------

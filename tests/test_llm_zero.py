@@ -4,14 +4,12 @@ gradient of one process on the union of both ranks' data (tests/llm_zero_worker.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-import torch.multiprocessing as mp
 
 import llm_zero_worker
 from llm_models import build_tiny_decoder
-from test_cbb_gradients import free_port
+from rank_processes import spawn_ranks
 
 pytestmark = pytest.mark.slow  # about a minute on 2 busy cores
 TIMEOUT_S = 300
@@ -22,14 +20,7 @@ WORLD_SIZE = 2
 def results(tmp_path_factory):
     model_dir = build_tiny_decoder(tmp_path_factory.mktemp("qwen2"), "qwen2")
     out_dir = tmp_path_factory.mktemp("llm_zero")
-    processes = mp.start_processes(llm_zero_worker.main, args=(WORLD_SIZE, free_port(), str(model_dir), str(out_dir)),
-                                   nprocs=WORLD_SIZE, start_method="spawn", join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not processes.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
+    spawn_ranks(llm_zero_worker.main, WORLD_SIZE, str(model_dir), str(out_dir), timeout_s=TIMEOUT_S)
     return json.loads((out_dir / "results.json").read_text())
 
 

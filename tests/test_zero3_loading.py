@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 
 import pytest
-import torch.multiprocessing as mp
 
 import zero3_loading_worker
 from llm_models import WORDS, build_tiny_decoder
-from test_cbb_gradients import free_port
+from rank_processes import spawn_ranks
 
 pytestmark = pytest.mark.slow  # about a minute on 2 busy cores
 TIMEOUT_S = 300
@@ -57,14 +55,7 @@ def results(tmp_path_factory):
               _resaved(qwen2, root / "qwen2_without_norm", drop="model.norm.weight")]
     out_dir = root / "out"
     out_dir.mkdir()
-    processes = mp.start_processes(zero3_loading_worker.main, nprocs=WORLD_SIZE, start_method="spawn", join=False,
-                                   args=(WORLD_SIZE, free_port(), [str(m) for m in models], str(out_dir)))
-    deadline = time.monotonic() + TIMEOUT_S
-    while not processes.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
+    spawn_ranks(zero3_loading_worker.main, WORLD_SIZE, [str(m) for m in models], str(out_dir), timeout_s=TIMEOUT_S)
     assert len(list((models[1]).glob("model-*.safetensors"))) > 1  # the bf16 copy really is sharded
     return json.loads((out_dir / "results.json").read_text())
 
