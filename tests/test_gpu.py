@@ -230,13 +230,22 @@ def test_llm_lora_zero3_bf16_on_one_gpu_over_nccl(llm_run):
     assert run["export_embedding_equals_base"]
 
 
+def _first_batch(config, tokenizer):
+    """The first step's batch of a one-rank run of config's data."""
+    from training.data import SamplerState, StepDataset, StepSampler, load_tasks
+
+    tasks = load_tasks(config)
+    plan = next(iter(StepSampler(tasks, {tasks[0].name: 1.0}, 1, 0, config.seed, "balanced", 0,
+                                 SamplerState.initial(tasks))))
+    return StepDataset(tasks, tokenizer, config.model.max_length, config.seed)[plan]
+
+
 def _llm_worker(model_dir: str, pairs: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
     from safetensors.torch import load_file
 
     from training.config import build_ds_config, load_config
-    from training.data import SamplerState, StepDataset, StepSampler, load_tasks
     from training.export import export_model
     from training.main import build_engine, set_attention, train_step
 
@@ -248,10 +257,7 @@ def _llm_worker(model_dir: str, pairs: str, out: str) -> None:
         "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "train.precision=bf16",
         "train.num_workers=0", "train.grad_cache.chunk_size=4"])
     engine = build_engine(config, Path(model_dir), build_ds_config(config, 1, has_gpu=True))
-    tasks = load_tasks(config)
-    plan = next(iter(StepSampler(tasks, {tasks[0].name: 1.0}, 1, 0, config.seed, "balanced", 0,
-                                 SamplerState.initial(tasks))))
-    batch = StepDataset(tasks, engine.module.tokenizer, config.model.max_length, config.seed)[plan]
+    batch = _first_batch(config, engine.module.tokenizer)
     losses = []
     for step in range(3):
         set_attention(engine.module, config.model, step)
@@ -276,7 +282,6 @@ def _worker(stage: int, model_dir: str, pairs: str, out: str) -> None:
     import torch.distributed as dist
 
     from training.config import build_ds_config, load_config
-    from training.data import SamplerState, StepDataset, StepSampler, load_tasks
     from training.export import export_model, gathered_state_dict
     from training.main import build_engine, train_step
 
@@ -288,10 +293,7 @@ def _worker(stage: int, model_dir: str, pairs: str, out: str) -> None:
         "optim.warmup_steps=0", "optim.schedule=constant", "optim.grad_clip=0", "train.precision=bf16",
         "train.num_workers=0", f"deepspeed.config=ds_configs/zero{stage}.json"])
     engine = build_engine(config, Path(model_dir), build_ds_config(config, 1, has_gpu=True))
-    tasks = load_tasks(config)
-    plan = next(iter(StepSampler(tasks, {tasks[0].name: 1.0}, 1, 0, config.seed, "balanced", 0,
-                                 SamplerState.initial(tasks))))
-    batch = StepDataset(tasks, engine.module.tokenizer, config.model.max_length, config.seed)[plan]
+    batch = _first_batch(config, engine.module.tokenizer)
     before = gathered_state_dict(engine)
     losses = [train_step(engine, batch, ["retrieval"], config).value for _ in range(3)]
     after = gathered_state_dict(engine)
