@@ -267,7 +267,7 @@ def plain_step(encoder, config, phases, world: int):
 
     def step(batch) -> float:
         phases.enter("forward_backward")
-        out = cbb_step_loss(embed(encoder, batch), ["retrieval"] * world, config.loss, world)
+        out = cbb_step_loss(embed(encoder, batch, config.loss), ["retrieval"] * world, config.loss, world)
         out.loss.backward()
         phases.enter("optimizer_step")
         for p in trainable:

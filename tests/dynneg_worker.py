@@ -17,16 +17,15 @@ import torch
 import torch.distributed as dist
 
 from training.config import NegativesConfig
-from training.dynamic_negatives import DynamicNegativeState
-from training.negatives_runtime import broadcast_from_rank0
+from training.negatives import DynamicNegativeState, StoreSpec, broadcast_from_rank0
 
 NUM_SAMPLES, WORLD_SIZE, STEPS = 40, 2, 10
 RULES = ("window", "per_negative")
 
 
 def new_state(rule: str) -> DynamicNegativeState:
-    return DynamicNegativeState(NUM_SAMPLES, NegativesConfig(rule=rule, check_interval=5), num_negatives=3,
-                                rank_offset=10)
+    return DynamicNegativeState(StoreSpec("d", ("q", "c"), NUM_SAMPLES, 3, 10, rule),
+                                NegativesConfig(rule=rule, check_interval=5))
 
 
 def plan(rule: str) -> list[dict]:
@@ -40,8 +39,10 @@ def plan(rule: str) -> list[dict]:
             if rank == 1:
                 samples[0] = records[-1]["samples"][0]  # one sample on both ranks at this step
             scores = rng.uniform(0.1, 0.9, size=(8, 3)) * (1.0 - 0.07 * step)
+            store = rng.uniform(0.3, 0.9, size=(8, 3)).astype(np.float32)
+            store[rng.random((8, 3)) < 0.2] = np.nan  # slots without a mined candidate
             records.append({"step": step, "rank": rank, "samples": samples, "scores": scores.astype(np.float32),
-                            "prefetched": step == 6})  # planned before the check at step 5
+                            "store": store,                            "prefetched": step == 6})  # planned before the check at step 5
     return records
 
 
@@ -54,7 +55,7 @@ def run(records: list[dict], rule: str, rank: int | None) -> tuple[DynamicNegati
         for r in records:
             if r["step"] == step and (rank is None or r["rank"] == rank):
                 generations = planned_generation[r["samples"]] if r["prefetched"] else state.generation[r["samples"]]
-                state.record(r["samples"], torch.from_numpy(r["scores"]), step, generations=generations)
+                state.record(r["samples"], torch.from_numpy(r["scores"]), step, r["store"], generations=generations)
         if state.due(step):
             planned_generation = state.generation.copy()
             state.sync()

@@ -109,7 +109,7 @@ def step_batch(case: Case, rank: int) -> RetrievalBatch | STSBatch:
     if case.name.startswith("false_negatives"):
         plant_duplicates(passages, case)
     return RetrievalBatch(**common, query=as_padded(inputs["query"]), passages=as_padded(passages),
-                          num_negatives=batch.negatives, rows=tuple(range(batch.queries)), negatives=None)
+                          num_negatives=batch.negatives, rows=tuple(range(batch.queries)))
 
 
 def as_padded(tokens: dict) -> dict:
@@ -197,7 +197,7 @@ def reference(model_dir: str, case: Case) -> tuple[float, dict[str, torch.Tensor
         for group in grad_cache.groups_of(batch):
             chunks = grad_cache.split(group, case.chunk_size) if case.chunk_size else [group]
             encoded.append(torch.cat([model(**chunk) for chunk in chunks]))
-        embeddings = grad_cache.embeddings_of(batch, encoded, keys=True)
+        embeddings = grad_cache.embeddings_of(batch, encoded, LossConfig(false_negative_margin=0.0))
         (retrieval if spec.kind == "retrieval" else sts).append(embeddings)
     dims = cfg.matryoshka_dims or [OUTPUT_DIM]
     loss = torch.zeros(())

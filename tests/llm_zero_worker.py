@@ -60,7 +60,7 @@ def rank_batch(tokenizer, rank: int, world_size: int) -> RetrievalBatch:
     tokenize = lambda t: dict(tokenizer(t, padding=True, return_tensors="pt"))  # noqa: E731
     return RetrievalBatch(step=STEP, task="retrieval", assignment=("retrieval",) * world_size, cursors_after=[],
                           query=tokenize(queries), passages=tokenize(passages), num_negatives=NEGATIVES,
-                          rows=tuple(range(QUERIES)), negatives=None)
+                          rows=tuple(range(QUERIES)))
 
 
 def run(model_dir: str, stage: int) -> dict | None:

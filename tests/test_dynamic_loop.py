@@ -20,7 +20,7 @@ from embedlib.negstore import NegativeStore
 from mining_helpers import mining_command, mining_env, run_mining, scifact_slice
 from test_training_runs import BIN, QUICKSTART, REPO, _free_port
 from training.checkpoint import list_checkpoints
-from training.dynamic_negatives import STATE_FILENAME
+from training.negatives import STATE_FILENAME
 from training.metrics import read_metrics
 
 TIMEOUT = 240

@@ -1,7 +1,8 @@
-"""Dynamic hard negatives (training/dynamic_negatives.py): the rules on constructed scores, every
-threshold at its boundary; window and per-negative ranks, also past the end of the candidate list;
-records (latest s, first s0, stale plans dropped); checkpoints round trip; and 2 real gloo ranks
-that end with identical state, equal to one process applying all their records."""
+"""Dynamic hard negatives (training/negatives/rule.py): the rules on constructed scores, every
+threshold at its boundary; window and per-negative ranks, also past the end of the candidate list and
+for N ranks sharing a query; records (latest s, s0 from the store, stale plans dropped); adoptions start
+every sample at its first window; checkpoints round trip; and 2 real gloo ranks that end with identical
+state, equal to one process applying all their records."""
 from __future__ import annotations
 
 import io
@@ -17,14 +18,31 @@ from safetensors.numpy import save as safetensors_save
 
 import dynneg_worker
 from training.config import NegativesConfig
-from training.dynamic_negatives import DynamicNegativeState, fit_ranks
+from training.negatives import DynamicNegativeState, StoreSpec, fit_ranks
 
 f32 = np.float32
 
 
-def rule_state(num_samples: int, num_negatives: int = 7, rank_offset: int = 10, **options) -> DynamicNegativeState:
-    """A state with the rule options `options` (config.NegativesConfig) for a data set with n and offset."""
-    return DynamicNegativeState(num_samples, NegativesConfig(**options), num_negatives, rank_offset)
+def rule_state(num_samples: int, num_negatives: int = 7, rank_offset: int = 10, sharing: int = 1,
+               **options) -> DynamicNegativeState:
+    """A state with the rule options `options` (config.NegativesConfig) for a data set with n, offset and N."""
+    options = NegativesConfig(**options)
+    spec = StoreSpec("d", ("q", "c"), num_samples, num_negatives, rank_offset, options.rule, sharing)
+    return DynamicNegativeState(spec, options)
+
+
+def record(state: DynamicNegativeState, samples, scores, step: int, store=None, generations=None) -> None:
+    """state.record with live `scores`; `store`: the mining scores (default: none, NaN, so s0 falls back to
+    the first live score)."""
+    width = state.width
+    store = np.full((len(samples), width), np.nan, np.float32) if store is None else store
+    state.record(samples, scores, step, store, generations=generations)
+
+
+def fitted(state: DynamicNegativeState, sample: int, num_candidates: int) -> list[int]:
+    """The sample's ranks fitted to a candidate list of num_candidates, as a DataLoader worker fits them."""
+    return list(fit_ranks(state.negative_ranks(sample), num_candidates, state.options.rule, state.width,
+                          state.rank_offset))
 
 
 def below(x) -> np.float32:
@@ -85,7 +103,8 @@ def test_window_rule_never_observed_samples_are_not_stale():
     result = state.check(100)
     assert list(state.window) == [1, 1, 1, 2]
     assert (result.stale_samples, result.replaced_negatives, result.unobserved_samples) == (1, 2, 2)
-    assert result.mean_score == pytest.approx(0.1)  # of the observed samples, before the move
+    assert result.mean_score == pytest.approx(0.1)  # of the eligible samples, before the move
+    assert result.eligible_samples == 1
 
 
 def test_check_moves_stale_samples_to_the_next_window_and_forgets_their_scores():
@@ -95,8 +114,13 @@ def test_check_moves_stale_samples_to_the_next_window_and_forgets_their_scores()
     assert list(state.window) == [2, 1] and list(state.generation) == [1, 0]
     assert np.isnan(state.initial_score[0]) and np.isnan(state.score[0])
     assert (state.initial_score[1], state.score[1]) == (0.5, 0.5)
-    assert result.metrics() == {"negatives/stale": 1, "negatives/replaced": 2, "negatives/mean_score": 0.30000001192092896,
-                                "negatives/unobserved": 0, "negatives/version": 3, "negatives/export_age_steps": 60}
+    assert result.metrics() == {
+        "negatives/eligible": 2, "negatives/stale": 1, "negatives/replaced": 2,
+        "negatives/mean_score": pytest.approx(0.3), "negatives/mean_initial_score": pytest.approx(0.7),
+        "negatives/ratio_q10": pytest.approx(0.1 / 0.9 + 0.1 * (1 - 0.1 / 0.9)),
+        "negatives/ratio_q50": pytest.approx((0.1 / 0.9 + 1) / 2), "negatives/ratio_q90": pytest.approx(
+            0.1 / 0.9 + 0.9 * (1 - 0.1 / 0.9)), "negatives/unobserved": 0, "negatives/version": 3,
+        "negatives/export_age_steps": 60}
     json.dumps(result.metrics())  # JSON-ready
     state.check(200)
     assert list(state.window) == [2, 1]  # nothing observed since: nothing moves
@@ -170,21 +194,34 @@ def test_window_ranks_wrap_to_the_first_window_past_the_end():
     expected = {1: [10, 11, 12], 2: [13, 14, 15], 3: [10, 11, 12], 4: [13, 14, 15]}
     for i, ranks in expected.items():
         state.window[0] = i
-        assert list(state.negative_ranks(0, num_candidates=17)) == ranks
-        assert list(fit_ranks(state.negative_ranks(0), 17, state.options.rule, 3, 10)) == ranks  # in a DataLoader worker
-        assert list(state.negative_ranks(0, num_candidates=100)) == [10 + 3 * (i - 1) + k for k in range(3)]
+        assert fitted(state, 0, 17) == ranks
+        assert fitted(state, 0, 100) == [10 + 3 * (i - 1) + k for k in range(3)]
     state.window[0] = 2
-    assert list(state.negative_ranks(0, num_candidates=12)) == [10, 11, -1]  # less than one window
-    assert list(state.negative_ranks(0, num_candidates=5)) == [-1, -1, -1]
+    assert fitted(state, 0, 12) == [10, 11, -1]  # less than one window
+    assert fitted(state, 0, 5) == [-1, -1, -1]
+
+
+def test_a_window_shared_by_n_ranks_holds_n_times_n_ranks_and_moves_whole():
+    from training.negatives import PlannedNegatives
+
+    state = rule_state(1, num_negatives=2, rank_offset=10, sharing=3)
+    assert state.width == 6 and list(state.negative_ranks(0)) == list(range(10, 16))
+    plans = [PlannedNegatives(1, (tuple(state.negative_ranks(0)),), (0,), r, 3) for r in range(3)]
+    slices = [list(p.ranks[0][p.own_slice(6)]) for p in plans]
+    assert slices == [[10, 11], [12, 13], [14, 15]]  # each rank its own group of n, none repeated
+    state.initial_score[0], state.score[0] = 0.9, 0.1
+    result = state.check(100)
+    assert result.replaced_negatives == 6 and list(state.negative_ranks(0)) == list(range(16, 22))
+    assert fitted(state, 0, 21) == list(range(10, 16))  # one full window of 6 past the offset: wraps
 
 
 def test_per_negative_ranks_wrap_without_repeating():
     state = per_negative_state([(np.nan, np.nan)] * 3)
     state.slot_ranks[0] = [10, 14, 16]
-    assert list(state.negative_ranks(0, num_candidates=20)) == [10, 14, 16]
-    assert list(state.negative_ranks(0, num_candidates=15)) == [10, 14, 11]  # 16 wraps to 11
-    assert list(state.negative_ranks(0, num_candidates=13)) == [10, 11, -1]  # 16 -> 10 repeats slot 0
-    assert list(state.negative_ranks(0, num_candidates=10)) == [-1, -1, -1]
+    assert fitted(state, 0, 20) == [10, 14, 16]
+    assert fitted(state, 0, 15) == [10, 14, 11]  # 16 wraps to 11
+    assert fitted(state, 0, 13) == [10, 11, -1]  # 16 -> 10 repeats slot 0
+    assert fitted(state, 0, 10) == [-1, -1, -1]
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -192,9 +229,9 @@ def test_per_negative_ranks_wrap_without_repeating():
 
 def test_records_keep_the_first_score_as_s0_and_the_latest_as_s_in_step_order():
     state = rule_state(3, num_negatives=2)
-    state.record([0, 1], [[0.2, 0.4], [0.5, 0.5]], step=2)
-    state.record([0], torch.tensor([[0.5, 0.75]], dtype=torch.bfloat16), step=1)  # recorded late, earlier step
-    state.record([0, 0], [[0.1, 0.1], [0.0, 0.2]], step=3)  # twice in one call: the later row wins
+    record(state, [0, 1], [[0.2, 0.4], [0.5, 0.5]], step=2)
+    record(state, [0], torch.tensor([[0.5, 0.75]], dtype=torch.bfloat16), step=1)  # recorded late, earlier step
+    record(state, [0, 0], [[0.1, 0.1], [0.0, 0.2]], step=3)  # twice in one call: the later row wins
     assert np.isnan(state.score).all()  # queued until sync
     state.sync()
     np.testing.assert_allclose(state.initial_score, [0.625, 0.5, np.nan])
@@ -203,29 +240,35 @@ def test_records_keep_the_first_score_as_s0_and_the_latest_as_s_in_step_order():
 
 def test_records_of_replaced_negatives_are_dropped():
     state = rule_state(2, num_negatives=1)
-    state.record([0, 1], [[0.9], [0.9]], step=1, generations=state.generation[[0, 1]])
-    state.record([0, 1], [[0.1], [0.1]], step=2)
+    record(state, [0, 1], [[0.9], [0.9]], step=1, generations=state.generation[[0, 1]])
+    record(state, [0, 1], [[0.1], [0.1]], step=2)
     state.sync()
     planned = state.generation.copy()
     assert state.check(2).stale_samples == 2
-    state.record([0, 1], [[0.3], [0.3]], step=3, generations=planned)  # planned before the check
-    state.record([1], [[0.5]], step=3, generations=state.generation[[1]])
+    record(state, [0, 1], [[0.3], [0.3]], step=3, generations=planned)  # planned before the check
+    record(state, [1], [[0.5]], step=3, generations=state.generation[[1]])
     state.sync()
     assert np.isnan(state.score[0]) and (state.initial_score[1], state.score[1]) == (f32(0.5), f32(0.5))
 
 
-def test_mined_scores_give_s0():
+def test_store_scores_give_s0_so_a_sample_trained_once_is_judged():
     state = rule_state(1, num_negatives=2)
-    state.record([0], [[0.2, 0.2]], step=1, mined_scores=[[0.5, 0.75]])
+    record(state, [0], [[0.2, 0.2]], step=1, store=[[0.5, 0.75]])
     state.sync()
     assert (state.initial_score[0], state.score[0]) == (f32(0.625), f32(0.2))
-    assert state.check(1).stale_samples == 1
+    result = state.check(1)
+    assert (result.eligible_samples, result.stale_samples) == (1, 1)
+    # A slot without a mined candidate (a random top-up) takes its first live score.
+    record(state, [0], [[0.4, 0.2]], step=2, store=[[0.8, np.nan]])
+    record(state, [0], [[0.1, 0.1]], step=3, store=[[0.8, np.nan]])
+    state.sync()
+    assert (state.initial_score[0], state.score[0]) == (f32(0.5), f32(0.1))
 
 
 def test_per_negative_records_fill_each_slot():
     state = rule_state(1, rule="per_negative", num_negatives=2)
-    state.record([0], [[0.9, 0.3]], step=1)
-    state.record([0], [[0.5, 0.35]], step=2)
+    record(state, [0], [[0.9, 0.3]], step=1)
+    record(state, [0], [[0.5, 0.35]], step=2)
     state.sync()
     np.testing.assert_allclose(state.slot_initial_score[0], [0.9, 0.3])
     np.testing.assert_allclose(state.slot_score[0], [0.5, 0.35])
@@ -236,29 +279,42 @@ def test_per_negative_records_fill_each_slot():
 def test_bad_records_are_errors():
     state = rule_state(2, num_negatives=2)
     with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \(1, 2\)"):
-        state.record([0], [[0.1, 0.2, 0.3]], step=1)
+        record(state, [0], [[0.1, 0.2, 0.3]], step=1)
     with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
-        state.record([2], [[0.1, 0.2]], step=1)
+        record(state, [2], [[0.1, 0.2]], step=1)
     with pytest.raises(ValueError, match="NaN"):
-        state.record([0], [[0.1, np.nan]], step=1)
-    with pytest.raises(ValueError, match="num_negatives"):
+        record(state, [0], [[0.1, np.nan]], step=1)
+    with pytest.raises(ValueError, match=r"n 0"):
         rule_state(1, num_negatives=0)
 
 
 def test_assignment_changes_need_synced_state():
     state = rule_state(1, num_negatives=1)
-    state.record([0], [[0.5]], step=1)
+    record(state, [0], [[0.5]], step=1)
     for call in (lambda: state.check(1), lambda: state.adopt_version(1, 0), state.state_dict):
         with pytest.raises(RuntimeError, match="sync"):
             call()
 
 
-def test_adopting_a_version_resets_scores_and_keeps_windows():
+@pytest.mark.parametrize("rule", ["window", "per_negative"])
+def test_adopting_a_version_starts_every_sample_at_its_first_window(rule):
+    state = rule_state(2, num_negatives=2, rule=rule)
+    first = [list(state.negative_ranks(i)) for i in range(2)]
+    record(state, [0, 1], [[0.1, 0.1], [0.1, 0.1]], step=1, store=[[0.9, 0.9], [0.9, 0.9]])
+    state.sync()
+    state.check(1)
+    assert all(list(state.negative_ranks(i)) != first[i] for i in range(2))  # both moved on
+    assert state.adopt_version(4, model_step=200)
+    assert [list(state.negative_ranks(i)) for i in range(2)] == first
+    assert np.isnan(state.score).all() and np.isnan(state.initial_score).all()
+
+
+def test_adopting_a_version_resets_scores_and_says_the_export_age():
     state = window_state([(0.9, 0.5)])
     state.window[0] = 3
     assert state.adopt_version(4, model_step=200)
     assert np.isnan(state.score[0]) and np.isnan(state.initial_score[0])
-    assert state.window[0] == 3 and state.generation[0] == 1
+    assert state.window[0] == 1 and state.generation[0] == 1
     assert state.check(300).export_age_steps == 100
     assert not state.adopt_version(4, model_step=200)  # the version in use (after a resume): no change
     assert state.generation[0] == 1
@@ -278,12 +334,12 @@ def test_due_every_check_interval():
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_state_round_trip(rule, fmt):
     state = rule_state(5, num_negatives=2, rule=rule)
-    state.record([0, 3, 4], [[0.9, 0.1], [0.2, 0.1], [0.5, 0.3]], step=1)
-    state.record([0, 4], [[0.1, 0.1], [0.4, 0.3]], step=2)
+    record(state, [0, 3, 4], [[0.9, 0.1], [0.2, 0.1], [0.5, 0.3]], step=1)
+    record(state, [0, 4], [[0.1, 0.1], [0.4, 0.3]], step=2)
     state.sync()
     state.check(2)
     state.adopt_version(2, 1)
-    state.record([1], [[0.3, 0.3]], step=3)
+    record(state, [1], [[0.3, 0.3]], step=3)
     state.sync()
     saved = state.state_dict()
     if fmt == "safetensors":
@@ -303,10 +359,13 @@ def test_state_round_trip(rule, fmt):
 
 def test_loading_another_layout_is_a_clear_error():
     saved = rule_state(5, num_negatives=2).state_dict()
-    with pytest.raises(ValueError, match="num_samples is 5, this run has 6"):
+    with pytest.raises(ValueError, match="samples is 5, this run has 6"):
         rule_state(6, num_negatives=2).load_state_dict(saved)
-    with pytest.raises(ValueError, match="num_negatives is 2, this run has 3"):
+    with pytest.raises(ValueError, match=r"negatives per query \(N ranks sharing a query x num_negatives\) is 2, "
+                                         "this run has 3"):
         rule_state(5, num_negatives=3).load_state_dict(saved)
+    with pytest.raises(ValueError, match="is 2, this run has 4"):  # the same n over two ranks sharing queries
+        rule_state(5, num_negatives=2, sharing=2).load_state_dict(saved)
     with pytest.raises(ValueError, match="keys"):
         rule_state(5, rule="per_negative", num_negatives=2).load_state_dict(saved)
     bad = dict(saved, window=saved["window"].astype(np.int64))
@@ -341,7 +400,7 @@ def test_two_gloo_ranks_equal_one_process(rule, gloo_ranks):
             assert set(saved.files) == set(expected)
             for key in expected:
                 np.testing.assert_array_equal(saved[key], expected[key], err_msg=f"rank {rank}: {key}")
-        assert json.loads((gloo_ranks / f"{rule}_rank{rank}.json").read_text()) == reference_results
+        assert json.loads((gloo_ranks / f"{rule}_rank{rank}.json").read_text()) == json.loads(json.dumps(reference_results))
 
 
 # --- the store feed (rank 0's side, one process) ----------------------------------------------------
@@ -371,7 +430,7 @@ def take_when_ready(feed, timeout: float = 30.0):
 
 
 def test_feed_starts_with_the_checkpoints_version_else_the_newest_sound_one(tmp_path, caplog):
-    from training.negatives_runtime import VersionFeed
+    from training.negatives import VersionFeed
 
     run = tmp_path / "run"
     for step in (0, 10, 20):
@@ -392,7 +451,7 @@ def test_feed_starts_with_the_checkpoints_version_else_the_newest_sound_one(tmp_
 
 def test_feed_never_blocks_skips_a_damaged_version_and_pins_what_plans_name(tmp_path, caplog):
     from embedlib.negstore import NegativeStore
-    from training.negatives_runtime import VersionFeed
+    from training.negatives import VersionFeed
 
     run = tmp_path / "run"
     store = NegativeStore(run)
@@ -423,7 +482,7 @@ def test_feed_warns_once_when_the_sidecar_looks_dead_and_once_when_it_is_back(tm
     import time
 
     from embedlib.exports import publish_export
-    from training.negatives_runtime import VersionFeed
+    from training.negatives import VersionFeed
 
     run = tmp_path / "run"
     publish(run, 0)

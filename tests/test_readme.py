@@ -261,7 +261,7 @@ def test_json_examples_are_read_by_the_readers(tmp_path):
 
     # The metrics.jsonl example has exactly the keys the trainer writes (loss/<kind> per task kind).
     trainer = "".join((REPO / "training" / name).read_text(encoding="utf-8")
-                      for name in ("main.py", "negatives_runtime.py"))
+                      for name in ("main.py", "negatives/runtime.py", "negatives/rule.py"))
     for key in kinds["metrics"]:
         assert f'"{key.split("/")[0]}"' in trainer or f'"{key.split("/")[0]}/' in trainer, key
 

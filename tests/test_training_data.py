@@ -14,8 +14,8 @@ import torch
 from embedlib.negstore import NegativeStore
 from embedlib.records import corpus_fingerprint, queries_fingerprint, read_corpus
 from training.config import load_config
-from training.data import RetrievalBatch, SamplerState, StepSampler, load_tasks, make_loader
-from training.negatives_runtime import NegativesRuntime
+from training.data import RetrievalBatch, SamplerState, StepSampler, load_tasks, make_loader, store_specs
+from training.negatives import NegativesRuntime, StoreReader
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "training" / "recipes" / "quickstart.yaml"
@@ -121,16 +121,21 @@ def test_negatives_from_the_store_window_skip_positives(tmp_path):
     config = load_config(QUICKSTART, [f"run_dir={run_dir}", f"data.0.path={pairs_path}", "data.0.num_negatives=4",
                                       "data.0.neg_offset=10"])
     (task,) = load_tasks(config)
-    assert task.store.num_negatives == 4 and task.store.rank_offset == 10 and task.num_negatives == 0
+    assert task.store.negatives_per_rank == 4 and task.store.rank_offset == 10 and task.num_negatives == 0
     assert task.store.fingerprints == (queries_fingerprint([p["query"] for p in pairs]), corpus_fingerprint(corpus))
-    runtime = NegativesRuntime(run_dir, [task], config.negatives, lookahead=0)
+    runtime = NegativesRuntime(run_dir, store_specs([task]), config.negatives, lookahead=0)
     runtime.start(0, None)  # picks the one version mined for these pairs and this corpus
     state = runtime.states[task.name]
     assert state.version == 1
+    reader = StoreReader(run_dir)
 
     def negatives_at(row: int, window: int) -> list[str]:
         state.window[row] = window
-        query, positive, negatives = task.example(row, 0, 0, tuple(state.negative_ranks(row)), version=1)
+        plan = runtime.plan(task.name, (row,))
+        rows, store_scores = reader.window(task.store, plan, 0, row, task.positive_rows[row])
+        expected_scores = [scores[row, list(candidates[row]).index(r)] if r >= 0 else np.nan for r in rows]
+        np.testing.assert_array_equal(store_scores, np.float32(expected_scores))  # the mining scores travel too
+        query, positive, negatives = task.example(row, 0, 0, rows)
         assert query == f"question {row}" and positive == corpus[row].passage
         return negatives
 
@@ -150,6 +155,7 @@ def test_negatives_from_the_store_window_skip_positives(tmp_path):
     assert plan.negatives.version == 1
     assert plan.negatives.generations == tuple(int(state.generation[r]) for r in plan.rows)
     assert plan.negatives.ranks == tuple(tuple(range(18, 22)) for _ in plan.rows)
+    reader.close()
     runtime.close()
 
 
@@ -243,11 +249,11 @@ def test_cached_tasks_give_the_batches_of_the_in_memory_lists(tmp_path, tiny_ber
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     steps = []
     for tasks in (reference, cached):
-        runtime = NegativesRuntime(run_dir, tasks, config.negatives, lookahead=0)
+        runtime = NegativesRuntime(run_dir, store_specs(tasks), config.negatives, lookahead=0)
         runtime.start(0, None)
         runtimes.append(runtime)
         assert runtime.states["scifact"].version == 1
-        dataset = StepDataset(tasks, tokenizer, 32, config.seed)
+        dataset = StepDataset(tasks, tokenizer, 32, config.seed, StoreReader(run_dir))
         per_rank = []
         for rank in range(4):
             sampler = StepSampler(tasks, {d.name: d.weight for d in config.data}, 4, rank, config.seed,
@@ -262,8 +268,14 @@ def test_cached_tasks_give_the_batches_of_the_in_memory_lists(tmp_path, tiny_ber
                 if hasattr(a, key):
                     assert all(torch.equal(getattr(a, key)[k], getattr(b, key)[k]) for k in getattr(a, key))
             if isinstance(a, RetrievalBatch):
-                assert a.negatives == b.negatives and a.rows == b.rows
-    assert any(b.negatives is not None for rank in steps[1] for b in rank if isinstance(b, RetrievalBatch))
+                assert a.rows == b.rows and (a.store_negatives is None) == (b.store_negatives is None)
+                if a.store_negatives is not None:
+                    assert a.store_negatives.plan == b.store_negatives.plan
+                    np.testing.assert_array_equal(a.store_negatives.store_scores, b.store_negatives.store_scores)
+                assert (a.passage_labels is None) == (b.passage_labels is None)
+                if a.passage_labels is not None:
+                    assert torch.equal(a.passage_labels, b.passage_labels)
+    assert any(b.store_negatives is not None for rank in steps[1] for b in rank if isinstance(b, RetrievalBatch))
     for runtime in runtimes:
         runtime.close()
 

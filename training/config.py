@@ -119,6 +119,8 @@ class OptimConfig:
     eps: float = 1e-8
     # Linear warm-up steps, then `schedule`: linear decay to 0 at train.max_steps, or constant.
     warmup_steps: int = 0
+    # The warm-up as a share of train.max_steps instead (the paper: 0.05); set one of the two.
+    warmup_ratio: float | None = None
     schedule: Literal["linear", "constant"] = "linear"
     # Gradient norm clipping (DeepSpeed's gradient_clipping); 0 disables it.
     grad_clip: float = 1.0
@@ -166,16 +168,17 @@ class TrainConfig:
 
 @dataclass
 class NegativesConfig:
-    """Dynamic hard negatives (training/dynamic_negatives.py, the rule; training/negatives_runtime.py,
-    the store versions) for retrieval data sets with a corpus, read from the mining sidecar's store
-    RUN/negatives. n, the negatives per query, and the skipped top ranks are each data set's
-    num_negatives and neg_offset. Defaults are the papers' values."""
+    """Dynamic hard negatives (training/negatives/: rule.py the rule, runtime.py the store versions) for
+    retrieval data sets with a corpus, read from the mining sidecar's store RUN/negatives. n, the negatives
+    per query and rank, and the skipped top ranks are each data set's num_negatives and neg_offset.
+    Defaults are the papers' values."""
 
     # Apply the rule (off: every query keeps its first window; new store versions are still adopted).
     dynamic: bool = True
     # "window" (Conan: a sample whose 1.15 * s < s0 and |s| < 0.8 moves its whole window of n
     # negatives to the next n ranks) or "per_negative" (the follow-up paper: each negative replaced on
-    # its own by the next unused rank). s0 is the first score recorded after an assignment, s the latest.
+    # its own by the next unused rank). s0 is the store's mining score of the assigned negatives, s the
+    # latest live score: a sample trained once since its assignment is judged at the next check.
     rule: Literal["window", "per_negative"] = "window"
     # Optimizer steps between two applications of the rule.
     check_interval: int = 100
@@ -423,6 +426,14 @@ def validate(config: Config, source: str) -> None:
     require(loss.cbb_beta >= 0, "loss.cbb_beta", "must not be negative")
     require(loss.false_negative_margin is None or loss.false_negative_margin >= 0, "loss.false_negative_margin",
             "must not be negative (null: no masking)")
+    require(not loss.in_batch or loss.cbb_negatives == "shared_queries", "loss.in_batch",
+            "applies to loss.cbb_negatives=shared_queries only (gathered always contrasts every query with all "
+            "ranks' positives)")
+    if loss.cbb_negatives == "shared_queries" and not loss.in_batch:
+        for i, d in enumerate(config.data):
+            require(d.kind == "sts" or d.num_negatives > 0, f"data.{i}.num_negatives",
+                    "must be at least 1 with loss.cbb_negatives=shared_queries and loss.in_batch off (a query "
+                    "would meet its positive alone)")
     dims = loss.matryoshka_dims
     if dims is not None:
         require(len(dims) > 0 and all(d >= 1 for d in dims), "loss.matryoshka_dims",
@@ -437,6 +448,9 @@ def validate(config: Config, source: str) -> None:
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
     require(o.eps > 0, "optim.eps", "must be positive")
     require(o.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
+    require(o.warmup_ratio is None or 0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    require(o.warmup_ratio is None or o.warmup_steps == 0, "optim.warmup_ratio",
+            "and optim.warmup_steps are two ways to set one warm-up; set only one")
     require(o.grad_clip >= 0, "optim.grad_clip", "must not be negative (0 turns clipping off)")
 
     t = config.train

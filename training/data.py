@@ -1,27 +1,35 @@
 """Training data: the tasks, the step sampler, and tokenization in DataLoader workers.
 
-Every optimizer step, the schedule (training.schedule.assign_tasks) gives each rank a task. The
-ranks given the same task take consecutive slices, in rank order, of that task's sample stream:
-the rows of the data set in a permutation fixed by (seed, data set, epoch), epoch after epoch. Every
-rank computes the whole assignment, so all ranks agree on every stream's position without talking,
-and a step's rows depend only on (seed, step, world size, the position at the start), never on the
-number of DataLoader workers (its store negatives are fixed when it is planned, a prefetch ahead).
+Every optimizer step, the schedule (training.schedule.assign_tasks) gives each rank a task. Each task
+has a sample stream: the rows of the data set in a permutation fixed by (seed, data set, epoch), epoch
+after epoch. The ranks given the same task at a step either take consecutive slices of it in rank order
+(STS always; retrieval and classification with loss.cbb_negatives=gathered), or all take the same
+rows, with the same positives, and each a different slice of every query's hard negatives
+(loss.cbb_negatives=shared_queries, Conan-embedding's CBB: the r-th of the N ranks takes the r-th group
+of n; see training/negatives/plan.py). Every rank computes the whole assignment, so all ranks agree on
+every stream's position without talking, and a step's rows depend only on (seed, step, world size, the
+position at the start), never on the number of DataLoader workers (its store negatives are fixed when
+it is planned, a prefetch ahead).
 
 The sampler state is one cursor (epoch, position) per data set. Each batch carries the state
 *after* it, so the trainer checkpoints exactly what it has consumed, however far the DataLoader has
 prefetched; a resumed run continues from that state without replaying data. Which store negatives
-a query trains with, the sampler asks the trainer's NegativesRuntime (training/negatives_runtime.py)
-when it makes a plan, up to a prefetch ahead of the plan's step; the plan carries the answer.
+a query trains with, the sampler asks the trainer's NegativesRuntime (training/negatives/) when it makes
+a plan, up to a prefetch ahead of the plan's step; the plan carries the answer.
 
 Negatives of a retrieval query, first source that exists:
   1. the negative store (RUN/negatives), for a data set with a corpus and num_negatives > 0 once the
      trainer uses a store version mined for its pairs file and corpus: the query's candidates minus
-     its positives, at the ranks the plan names (Conan's window i = ranks
-     [neg_offset + (i - 1) * m, neg_offset + i * m), m = num_negatives);
-  2. the `neg` texts of the pairs file (m drawn per epoch, repeated when fewer);
+     its positives, at the ranks of this rank's slice of the window the plan names (Conan's window i =
+     ranks [neg_offset + (i - 1) N m, neg_offset + i N m), m = num_negatives, N the ranks sharing the
+     query), read by the DataLoader worker (training/negatives/source.py) with their mining scores;
+  2. the `neg` texts of the pairs file (drawn per epoch in one order for all ranks sharing the query,
+     each taking its own m; repeated when fewer);
   3. none: in-batch negatives only (m = 0), when no record has `neg` and there is no store.
 A query short of m negatives is topped up with random corpus passages (a data set whose records
-lack `neg` must then have a corpus).
+lack `neg` must then have a corpus). Classification texts are trained as retrieval: the positive is another
+text of the query's label, the negatives texts of other labels, and the batch carries each text's label so
+that the loss leaves every candidate of the query's own label out of its denominator.
 
 The DataLoader runs with batch_size=None: the sampler yields one BatchPlan per step, and the worker
 turns it into a RetrievalBatch or STSBatch of tensors (reading texts, negatives from the
@@ -38,21 +46,22 @@ sampler state, and so every checkpoint, records them, and a resume on other data
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import hashlib
 import json
 import signal
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Protocol
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 
 from embedlib.encoder import tokenize
-from embedlib.negstore import NegativeStore, NegativeVersion
 from embedlib.record_cache import CachedTable, CorpusTable, RecordCache, resolve_shards, source_fingerprint
 from embedlib.records import (
     RecordError,
@@ -65,8 +74,8 @@ from embedlib.records import (
 )
 from embedlib.rundir import DATA_CACHE
 from training.config import Config, ConfigError, DatasetConfig
-from training.dynamic_negatives import fit_ranks
-from training.schedule import assign_tasks
+from training.negatives import BatchNegatives, NegativesRuntime, PlannedNegatives, StoreReader, StoreSpec
+from training.schedule import assign_tasks, ranks_per_task
 
 # Plans are made this many steps ahead of training per DataLoader worker (DataLoader's prefetch_factor).
 PREFETCH_PER_WORKER = 2
@@ -81,17 +90,6 @@ def prefetch_steps(num_workers: int) -> int:
 # Tasks: the records of one data set, and how row i becomes texts
 
 
-@dataclass(frozen=True)
-class StoreSource:
-    """How a retrieval data set reads the negative store (it has a corpus and num_negatives > 0)."""
-
-    run_dir: str  # whose RUN/negatives
-    fingerprints: tuple[str, str]  # (queries, corpus): what a store version must be mined for
-    rule: str  # negatives.rule, which decides how ranks wrap at the end of a list
-    num_negatives: int  # n per query
-    rank_offset: int  # the top candidates skipped (data set neg_offset)
-
-
 @dataclass
 class RetrievalTask:
     name: str
@@ -103,48 +101,46 @@ class RetrievalTask:
     negatives: Sequence[list[str]]  # the pairs file's `neg` texts
     positive_rows: Sequence[list[int]]  # corpus rows of the positives (to keep them out of store negatives)
     passages: Sequence[str] | None  # corpus passages in file order, for store ids and top-ups
-    store: StoreSource | None = None
+    store: StoreSpec | None = None  # how it reads the negative store (a corpus and num_negatives > 0)
     kind: str = "retrieval"
     loss_kind: ClassVar[str] = "retrieval"
     fingerprint: str = ""  # the content of its data (see data_fingerprint)
-    _opened: NegativeVersion | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def example(self, row: int, epoch: int, seed: int, ranks: tuple[int, ...] | None = None,
-                version: int | None = None) -> tuple[str, str, list[str]]:
-        """(query, positive, negatives) of a row. With a store `version`, the negatives are the
-        candidates at `ranks` (DynamicNegativeState.negative_ranks) of the row's list in that version."""
+    def example(self, row: int, epoch: int, seed: int, store_rows: Sequence[int] | None = None,
+                slice_index: int = 0) -> tuple[str, str, list[str]]:
+        """(query, positive, negatives) of a row. `store_rows`: the corpus rows of this rank's store
+        negatives (-1: none there, topped up). `slice_index`: the r-th of the ranks sharing the query,
+        which draws the same positive as the others and negatives of its own."""
         rng = np.random.default_rng([seed, row, epoch])
         positives = self.positives[row]
         positive = positives[int(rng.integers(len(positives)))]
-        if version is not None:
-            m = len(ranks)
-            negatives = self._store_negatives(row, ranks, version)
+        own = rng if slice_index == 0 else np.random.default_rng([seed, row, epoch, slice_index])
+        if store_rows is not None:
+            m = len(store_rows)
+            negatives = [self.passages[r] for r in store_rows if r >= 0]
         else:
             m = self.num_negatives
             if m == 0:
                 return self.queries[row], positive, []
-            pool = self.negatives[row]
-            negatives = [pool[i] for i in rng.permutation(len(pool))[:m]] if len(pool) >= m else list(pool)
-            negatives = (negatives * m)[:m] if negatives else []
-        return self.queries[row], positive, negatives + self._random_passages(row, m - len(negatives), rng)
+            negatives = self._pair_negatives(row, m, slice_index, rng)
+        return self.queries[row], positive, negatives + self._random_passages(row, m - len(negatives), own)
 
-    def _store_negatives(self, row: int, ranks: tuple[int, ...], version: int) -> list[str]:
-        """The row's candidates at `ranks`, counted after its positives are removed; slots past a short
-        list are left out (topped up by the caller)."""
-        if self._opened is None or self._opened.version != version:
-            if self._opened is not None:
-                self._opened.close()  # unpin the old version, so the store's gc may remove it
-            # The training process holds `version` open (pinned against gc) while plans name it and
-            # verified its checksums before the first plan did, so opening it here is safe and cheap.
-            self._opened = NegativeStore(self.store.run_dir).open(version, verify=False)
-        ids, _ = self._opened.candidates(row)
-        ids = ids[~np.isin(ids, self.positive_rows[row])]
-        store = self.store
-        fitted = fit_ranks(np.asarray(ranks, np.int64), len(ids), store.rule, store.num_negatives, store.rank_offset)
-        return [self.passages[ids[rank]] for rank in fitted if rank >= 0]
+    def _pair_negatives(self, row: int, m: int, slice_index: int, rng: np.random.Generator) -> list[str]:
+        """m of the pairs file's `neg` texts: the slice_index-th m of one order drawn for all ranks sharing
+        the query; repeated when the list is short."""
+        pool = self.negatives[row]
+        if len(pool) >= (slice_index + 1) * m:
+            order = rng.permutation(len(pool))
+            return [pool[i] for i in order[slice_index * m:(slice_index + 1) * m]]
+        if not pool:
+            return []
+        if slice_index == 0:  # fewer than m: all of them, repeated
+            return (list(pool) * m)[:m]
+        order = rng.permutation(len(pool))
+        return [pool[order[(slice_index * m + j) % len(pool)]] for j in range(m)]
 
     def _random_passages(self, row: int, count: int, rng: np.random.Generator) -> list[str]:
         if count <= 0:
@@ -158,24 +154,19 @@ class RetrievalTask:
                 chosen.append(self.passages[i])
         return chosen
 
-    def __getstate__(self):  # an open store version (file locks, memory maps) stays in its process
-        state = self.__dict__.copy()
-        state["_opened"] = None
-        return state
-
 
 @dataclass
 class ClassificationTask:
     """Labelled texts trained as retrieval: positive = another text of the same label, negatives =
-    texts of other labels."""
+    texts of other labels. Labels are numbered by first appearance."""
 
     name: str
     batch_size: int
     num_negatives: int
     texts: Sequence[str]
     queries: Sequence[str]  # texts with the instruction prefix
-    labels: Sequence  # label strings, or over the cache label numbers (they compare alike)
-    rows_of_label: dict  # label -> its rows, ascending
+    labels: Sequence[int]  # each row's label number
+    rows_of_label: dict  # label number -> its rows, ascending
     kind: str = "classification"
     loss_kind: ClassVar[str] = "retrieval"
     fingerprint: str = ""
@@ -183,18 +174,30 @@ class ClassificationTask:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def example(self, row: int, epoch: int, seed: int) -> tuple[str, str, list[str]]:
+    def draw(self, row: int, epoch: int, seed: int, slice_index: int = 0) -> tuple[int, list[int]]:
+        """(the positive's row, the negatives' rows) of a row. The ranks sharing the query (slice_index)
+        draw the same positive and negatives of their own."""
         rng = np.random.default_rng([seed, row, epoch])
         label = self.labels[row]
         same = self.rows_of_label[label]
         other = same[int(rng.integers(len(same) - 1))]
         other = other if other != row else same[-1]  # a uniform draw among the same label, minus row
-        negatives = []
+        own = rng if slice_index == 0 else np.random.default_rng([seed, row, epoch, slice_index])
+        negatives: list[int] = []
         while len(negatives) < self.num_negatives:
-            i = int(rng.integers(len(self.texts)))
+            i = int(own.integers(len(self.texts)))
             if self.labels[i] != label:
-                negatives.append(self.texts[i])
-        return self.queries[row], self.texts[other], negatives
+                negatives.append(i)
+        return int(other), negatives
+
+    def example(self, row: int, epoch: int, seed: int, slice_index: int = 0) -> tuple[str, str, list[str]]:
+        other, negatives = self.draw(row, epoch, seed, slice_index)
+        return self.queries[row], self.texts[other], [self.texts[i] for i in negatives]
+
+    def label_key(self, row: int) -> int:
+        """A number equal for two texts exactly when they are of this data set and share a label: what the
+        loss compares to leave a query's own label out of its denominator (non-negative; -1 is no label)."""
+        return ((zlib.crc32(self.name.encode()) & 0x7FFFFFFF) << 32) | int(self.labels[row])
 
 
 @dataclass
@@ -215,14 +218,43 @@ class STSTask:
 Task = RetrievalTask | ClassificationTask | STSTask
 
 
-def load_tasks(config: Config) -> list[Task]:
+def load_tasks(config: Config, world_size: int = 1) -> list[Task]:
     """Check every data file fully (RecordError names file, line and field) and build the tasks: over the
-    data cache (train.data_cache, converted first where needed), or read into memory when it is off."""
+    data cache (train.data_cache, converted first where needed), or read into memory when it is off.
+    `world_size` fixes how many ranks share a data set's queries (StoreSpec.sharing_ranks)."""
     cache = data_cache(config)
     tasks = []
     for i, d in enumerate(config.data):
         tasks.append(_load_task(d, i, config) if cache is None else _load_cached_task(d, i, config, cache))
+    sharing = ranks_sharing_queries(config, world_size)
+    for task in tasks:
+        if isinstance(task, RetrievalTask) and task.store is not None:
+            task.store = dataclasses.replace(task.store, sharing_ranks=sharing[task.name])
     return tasks
+
+
+def shared_query_tasks(config: Config) -> frozenset[str]:
+    """The data sets whose ranks all train the same queries at a step (loss.cbb_negatives=shared_queries:
+    every retrieval and classification data set; STS ranks always take pairs of their own)."""
+    if config.loss.cbb_negatives != "shared_queries":
+        return frozenset()
+    return frozenset(d.name for d in config.data if d.kind != "sts")
+
+
+def ranks_sharing_queries(config: Config, world_size: int) -> dict[str, int]:
+    """N per data set: the ranks that train the same queries at a step it is trained in (1 for a data set
+    whose ranks take queries of their own)."""
+    weights = {d.name: d.weight for d in config.data}
+    shared = shared_query_tasks(config)
+    per_task = ranks_per_task(world_size, weights, config.train.schedule_mode) if shared else {}
+    return {name: per_task[name] if name in shared else 1 for name in weights}
+
+
+def samples_in_step(assignment: Sequence[str], batch_size_of: dict[str, int], shared: frozenset[str]) -> int:
+    """Training samples of a step over all ranks (queries or sentence pairs): a batch shared by the ranks
+    of a data set counts once."""
+    counted = [name for rank, name in enumerate(assignment) if name not in shared or name not in assignment[:rank]]
+    return sum(batch_size_of[name] for name in counted)
 
 
 def data_cache(config: Config) -> RecordCache | None:
@@ -282,9 +314,11 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
                                                      "needs at least two per label (one is the positive)")
         if d.num_negatives and len(rows_of_label) < 2:
             raise RecordError(d.path, None, "label", "only one label: no texts to draw negatives from")
+        number = {label: i for i, label in enumerate(rows_of_label)}  # by first appearance, as the cache numbers
         task = ClassificationTask(d.name, d.batch_size, d.num_negatives, [r.text for r in records],
                                   [_with_instruction(d.instruction, r.text) for r in records],
-                                  [r.label for r in records], dict(rows_of_label))
+                                  [number[r.label] for r in records],
+                                  {number[label]: rows for label, rows in rows_of_label.items()})
         task.fingerprint = data_fingerprint(task, source_fingerprint("labeled", d.path))
         return task
 
@@ -311,8 +345,8 @@ def _load_task(d: DatasetConfig, index: int, config: Config) -> Task:
         positive_rows=[[row_of_id[i] for i in (p.pos_ids or []) if i in row_of_id] for p in pairs],
         passages=[doc.passage for doc in docs] if docs else None,
         # The store's rows are the whole pairs file's queries (limit or not), its ids the corpus rows.
-        store=StoreSource(config.run_dir, (queries_fingerprint([p.query for p in all_pairs]), corpus_fp),
-                          config.negatives.rule, d.num_negatives, d.neg_offset) if uses_store else None,
+        store=StoreSpec(d.name, (queries_fingerprint([p.query for p in all_pairs]), corpus_fp), len(pairs),
+                        d.num_negatives, d.neg_offset, config.negatives.rule) if uses_store else None,
     )
     task.fingerprint = data_fingerprint(task, source_fingerprint("pairs", d.path, corpus_fp))
     return task
@@ -376,8 +410,8 @@ def _load_cached_task(d: DatasetConfig, index: int, config: Config, cache: Recor
         positives=_Texts(table, "pos", corpus, n), negatives=_Texts(table, "neg", corpus, n),
         positive_rows=_PositiveRows(table, n, corpus is not None),
         passages=_Passages(corpus) if corpus is not None else None,
-        store=StoreSource(config.run_dir, (table.manifest["queries_fingerprint"], corpus.corpus_fingerprint),
-                          config.negatives.rule, d.num_negatives, d.neg_offset) if uses_store else None,
+        store=StoreSpec(d.name, (table.manifest["queries_fingerprint"], corpus.corpus_fingerprint), n,
+                        d.num_negatives, d.neg_offset, config.negatives.rule) if uses_store else None,
     )
     task.fingerprint = data_fingerprint(task, table.fingerprint)
     return task
@@ -563,23 +597,6 @@ class SamplerState:
 
 
 @dataclass(frozen=True)
-class PlannedNegatives:
-    """Store negatives of one batch, fixed when it is planned: the store version in use then (DataLoader
-    workers hold their own copy of the task, so the plan names it), each row's negative ranks in its
-    candidate list, and each row's DynamicNegativeState generation (to drop stale scores at sync)."""
-
-    version: int
-    ranks: tuple[tuple[int, ...], ...]
-    generations: tuple[int, ...]
-
-
-class NegativesPlanner(Protocol):
-    """What the sampler asks about store negatives (training/negatives_runtime.NegativesRuntime)."""
-
-    def plan(self, task_name: str, rows: tuple[int, ...]) -> PlannedNegatives | None: ...
-
-
-@dataclass(frozen=True)
 class BatchPlan:
     """One rank's batch at one step: which rows of which task, and the sampler state after the step."""
 
@@ -590,21 +607,25 @@ class BatchPlan:
     assignment: tuple[str, ...]  # task name per rank at this step
     cursors_after: list[list[int]]  # every data set's cursor after this step
     negatives: PlannedNegatives | None = None  # None: no store version (pairs-file or in-batch negatives)
+    slice_index: int = 0  # r of the ranks holding these same rows (0 when its rows are its own)
 
 
 class StepSampler:
     """Yields this rank's BatchPlan for step start_step, start_step + 1, ... (endless).
 
-    `negatives` (the trainer's NegativesRuntime) is asked, when a plan is made, which store negatives
-    its rows train with; that is up to a prefetch ahead of the plan's step.
+    `shared` names the data sets whose ranks all train the same rows at a step (shared_query_tasks);
+    the others' ranks take consecutive slices of the stream. `negatives` (the trainer's NegativesRuntime)
+    is asked, when a plan is made, which store negatives its rows train with; that is up to a prefetch
+    ahead of the plan's step.
     """
 
     def __init__(self, tasks: list[Task], weights: dict[str, float], world_size: int, rank: int, seed: int,
-                 mode: str, start_step: int, state: SamplerState, negatives: NegativesPlanner | None = None):
+                 mode: str, start_step: int, state: SamplerState, negatives: NegativesRuntime | None = None,
+                 shared: frozenset[str] = frozenset()):
         self.tasks, self.weights, self.world_size, self.rank = tasks, weights, world_size, rank
         self.seed, self.mode, self.start_step = seed, mode, start_step
         self.state = copy.deepcopy(state)
-        self.negatives = negatives
+        self.negatives, self.shared = negatives, shared
         self._permutations: dict[int, tuple[int, np.ndarray]] = {}  # task -> (epoch, its permutation)
 
     def _permutation(self, task_index: int, epoch: int) -> np.ndarray:
@@ -635,18 +656,25 @@ class StepSampler:
         step = self.start_step
         while True:
             assignment = assign_tasks(step, self.world_size, self.weights, self.seed, self.mode)
+            shared_rows: dict[str, list[tuple[int, int]]] = {}
             mine = None
             for rank, name in enumerate(assignment):
                 task_index = index_of[name]
-                taken = self._take(task_index, self.tasks[task_index].batch_size)
+                if name in shared_rows:  # a later rank of a data set whose ranks share their rows
+                    taken = shared_rows[name]
+                else:
+                    taken = self._take(task_index, self.tasks[task_index].batch_size)
+                    if name in self.shared:
+                        shared_rows[name] = taken
                 if rank == self.rank:
-                    mine = (task_index, taken)
-            task_index, taken = mine
+                    mine = (task_index, taken, assignment[:rank].count(name) if name in self.shared else 0)
+            task_index, taken, slice_index = mine
             rows = tuple(r for r, _ in taken)
-            negatives = self.negatives.plan(self.tasks[task_index].name, rows) if self.negatives else None
+            negatives = (self.negatives.plan(self.tasks[task_index].name, rows, slice_index)
+                         if self.negatives else None)
             yield BatchPlan(step=step, task_index=task_index, rows=rows, epochs=tuple(e for _, e in taken),
                             assignment=tuple(assignment), cursors_after=copy.deepcopy(self.state.cursors),
-                            negatives=negatives)
+                            negatives=negatives, slice_index=slice_index)
             step += 1
 
 
@@ -672,7 +700,10 @@ class RetrievalBatch(StepBatch):
     passages: dict[str, torch.Tensor]  # tokenized: n positives, then each query's m negatives in order
     num_negatives: int  # m, the same for every row of a batch
     rows: tuple[int, ...]  # the data set rows of the queries
-    negatives: PlannedNegatives | None  # where the negatives came from, when from the store
+    store_negatives: BatchNegatives | None = None  # where the negatives came from, when from the store
+    # Classification: the label key of each passage (positives, then negatives; ClassificationTask.label_key),
+    # so that the loss leaves candidates of a query's own label out; None: no labels.
+    passage_labels: torch.Tensor | None = None
     loss_kind: ClassVar[str] = "retrieval"
 
 
@@ -681,14 +712,17 @@ class STSBatch(StepBatch):
     first: dict[str, torch.Tensor]  # tokenized first sentences [b, L]
     second: dict[str, torch.Tensor]
     score: torch.Tensor  # [b] gold similarity
+    rows: tuple[int, ...] = ()  # the data set rows of the pairs
     loss_kind: ClassVar[str] = "sts"
 
 
 class StepDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by BatchPlan: returns the tokenized batch of that plan."""
+    """Map-style dataset indexed by BatchPlan: returns the tokenized batch of that plan. Store negatives
+    are read through `store` (a StoreReader of the run's negative store)."""
 
-    def __init__(self, tasks: list[Task], tokenizer, max_length: int, seed: int):
+    def __init__(self, tasks: list[Task], tokenizer, max_length: int, seed: int, store: StoreReader | None = None):
         self.tasks, self.tokenizer, self.max_length, self.seed = tasks, tokenizer, max_length, seed
+        self.store = store
 
     def __getitem__(self, plan: BatchPlan) -> RetrievalBatch | STSBatch:
         task = self.tasks[plan.task_index]
@@ -698,28 +732,43 @@ class StepDataset(torch.utils.data.Dataset):
             return STSBatch(**common,
                             first=tokenize(self.tokenizer, [task.first[r] for r in plan.rows], self.max_length),
                             second=tokenize(self.tokenizer, [task.second[r] for r in plan.rows], self.max_length),
-                            score=torch.tensor([task.scores[r] for r in plan.rows], dtype=torch.float32))
-        if plan.negatives is not None:
-            examples = [task.example(r, e, self.seed, ranks, plan.negatives.version)
-                        for r, e, ranks in zip(plan.rows, plan.epochs, plan.negatives.ranks)]
+                            score=torch.tensor([task.scores[r] for r in plan.rows], dtype=torch.float32),
+                            rows=plan.rows)
+        store_negatives, labels = None, None
+        if isinstance(task, ClassificationTask):
+            draws = [task.draw(r, e, self.seed, plan.slice_index) for r, e in zip(plan.rows, plan.epochs)]
+            examples = [(task.queries[r], task.texts[other], [task.texts[i] for i in negatives])
+                        for r, (other, negatives) in zip(plan.rows, draws)]
+            labels = torch.tensor([task.label_key(r) for r in plan.rows]
+                                  + [task.label_key(i) for _, negatives in draws for i in negatives], dtype=torch.int64)
+        elif plan.negatives is not None:
+            examples, store_scores = [], []
+            for i, (r, e) in enumerate(zip(plan.rows, plan.epochs)):
+                window, scores = self.store.window(task.store, plan.negatives, i, r, task.positive_rows[r])
+                own = window[plan.negatives.own_slice(len(window))]
+                examples.append(task.example(r, e, self.seed, own, plan.slice_index))
+                store_scores.append(scores)
+            store_negatives = BatchNegatives(task.name, plan.rows, plan.negatives, np.stack(store_scores))
         else:
-            examples = [task.example(r, e, self.seed) for r, e in zip(plan.rows, plan.epochs)]
+            examples = [task.example(r, e, self.seed, slice_index=plan.slice_index)
+                        for r, e in zip(plan.rows, plan.epochs)]
         queries = [q for q, _, _ in examples]
         # Positives first, then every query's negatives in order: one passage forward per step.
         passages = [p for _, p, _ in examples] + [n for _, _, negs in examples for n in negs]
         return RetrievalBatch(**common, query=tokenize(self.tokenizer, queries, self.max_length),
                               passages=tokenize(self.tokenizer, passages, self.max_length),
-                              num_negatives=len(examples[0][2]), rows=plan.rows, negatives=plan.negatives)
+                              num_negatives=len(examples[0][2]), rows=plan.rows, store_negatives=store_negatives,
+                              passage_labels=labels)
 
 
 def make_loader(tasks: list[Task], tokenizer, config: Config, world_size: int, rank: int, start_step: int,
-                state: SamplerState, negatives: NegativesPlanner | None = None) -> torch.utils.data.DataLoader:
+                state: SamplerState, negatives: NegativesRuntime | None = None) -> torch.utils.data.DataLoader:
     weights = {d.name: d.weight for d in config.data}
     sampler = StepSampler(tasks, weights, world_size, rank, config.seed, config.train.schedule_mode, start_step,
-                          state, negatives)
+                          state, negatives, shared=shared_query_tasks(config))
     workers = config.train.num_workers
     return torch.utils.data.DataLoader(
-        StepDataset(tasks, tokenizer, config.model.max_length, config.seed),
+        StepDataset(tasks, tokenizer, config.model.max_length, config.seed, StoreReader(config.run_dir)),
         sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
         prefetch_factor=PREFETCH_PER_WORKER if workers else None, worker_init_fn=_leave_signals_to_the_trainer,
     )
@@ -734,3 +783,8 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
 
 def _as_is(batch):
     return batch
+
+
+def store_specs(tasks: list[Task]) -> list[StoreSpec]:
+    """The data sets that read the negative store, for the NegativesRuntime."""
+    return [t.store for t in tasks if isinstance(t, RetrievalTask) and t.store is not None]

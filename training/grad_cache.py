@@ -60,18 +60,18 @@ def backward_step(engine, batch: StepBatch, kinds: list[str], loss_cfg: LossConf
     """This rank's forwards, the CBB loss of the step and its backward into the engine's gradients (the
     caller then takes engine.step()). `before_backward` sees the loss before any gradient is made (the
     trainer stops on a loss that is not finite there). Collective: every rank calls it at every step."""
-    keys = loss_cfg.false_negative_margin is not None
     if chunk_size is None:
-        out = cbb_step_loss(embed(engine, batch, keys), kinds, loss_cfg, dist.get_world_size())
+        out = cbb_step_loss(embed(engine, batch, loss_cfg), kinds, loss_cfg, dist.get_world_size(),
+                            list(batch.assignment))
         before_backward(out)
         engine.backward(out.loss)
         return out
     return cached_backward_step(engine, batch, kinds, loss_cfg, chunk_size, before_backward)
 
 
-def embed(engine, batch: StepBatch, keys: bool = False) -> RetrievalEmbeddings | STSEmbeddings:
+def embed(engine, batch: StepBatch, loss_cfg: LossConfig) -> RetrievalEmbeddings | STSEmbeddings:
     """This rank's embeddings for its batch: always two forwards (see training/main.py)."""
-    return embeddings_of(batch, [forward(engine, group) for group in groups_of(batch)], keys)
+    return embeddings_of(batch, [forward(engine, group) for group in groups_of(batch)], loss_cfg)
 
 
 def cached_backward_step(engine, batch: StepBatch, kinds: list[str], loss_cfg: LossConfig, chunk_size: int,
@@ -99,8 +99,8 @@ def cached_backward_step(engine, batch: StepBatch, kinds: list[str], loss_cfg: L
 
     # Pass 2: the loss on the cached embeddings, and its gradient with respect to them.
     leaves = [embeddings.detach().requires_grad_() for embeddings in cached]
-    out = cbb_step_loss(embeddings_of(batch, leaves, loss_cfg.false_negative_margin is not None), kinds, loss_cfg,
-                        dist.get_world_size())
+    out = cbb_step_loss(embeddings_of(batch, leaves, loss_cfg), kinds, loss_cfg, dist.get_world_size(),
+                        list(batch.assignment))
     before_backward(out)
     grads = torch.autograd.grad(out.loss, leaves, allow_unused=True) if out.loss.requires_grad else [None] * 2
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
@@ -141,17 +141,23 @@ def groups_of(batch: StepBatch) -> list[Tokens]:
     return [batch.first, batch.second]
 
 
-def embeddings_of(batch: StepBatch, encoded: list[Tensor], keys: bool = False) -> RetrievalEmbeddings | STSEmbeddings:
-    """The loss's view of a rank's two encoded groups (groups_of order)."""
+def embeddings_of(batch: StepBatch, encoded: list[Tensor], loss_cfg: LossConfig) -> RetrievalEmbeddings | STSEmbeddings:
+    """The loss's view of a rank's two encoded groups (groups_of order), with the keys the loss needs: the
+    passages' text keys for the false-negative mask, the queries' for ranks sharing them, the labels."""
     if not isinstance(batch, RetrievalBatch):
         first, second = encoded
         return STSEmbeddings(first, second, batch.score.to(first.device))
     query, passages = encoded
     n, m = len(query), batch.num_negatives
     out = RetrievalEmbeddings(query, passages[:n], passages[n:].reshape(n, m, passages.shape[-1]))
-    if keys:
+    if loss_cfg.false_negative_margin is not None:
         passage_keys = text_keys(batch.passages).to(query.device)
         out.positive_keys, out.negative_keys = passage_keys[:n], passage_keys[n:].reshape(n, m)
+    if loss_cfg.cbb_negatives == "shared_queries":
+        out.query_keys = text_keys(batch.query).to(query.device)
+    if batch.passage_labels is not None:
+        labels = batch.passage_labels.to(query.device)
+        out.label_keys, out.negative_label_keys = labels[:n], labels[n:].reshape(n, m)
     return out
 
 

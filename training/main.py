@@ -10,11 +10,12 @@ The run directory (config `run_dir`):
                           (running, completed, preempted, failed), first and final step, exports
     RUN/metrics.jsonl     one JSON object per optimizer step: step, loss, loss/<task kind>, lr,
                           samples, samples_per_s, step_time_s, negatives_version (per data set),
-                          tasks (per rank); with loss.false_negative_margin also
-                          masked_false_negatives (the (query, candidate) pairs of all ranks left out
+                          tasks (per rank), scores/<data set>/{positive, negative} (mean score of
+                          the queries' positives and own hard negatives); with loss.false_negative_margin
+                          also masked_false_negatives (the (query, candidate) pairs of all ranks left out
                           of a denominator at that step); at dynamic-negatives checks also negatives/<data set>/
-                          {stale, replaced, mean_score, unobserved, version, export_age_steps} and
-                          negatives/sidecar_alive
+                          {eligible, stale, replaced, mean_score, mean_initial_score, ratio_q10, ratio_q50,
+                          ratio_q90, unobserved, version, export_age_steps} and negatives/sidecar_alive
     RUN/eval.jsonl        with evaluation.beir: one JSON object per evaluation of an export on that
                           BEIR split, {"step", "eval/ndcg@10", "eval/recall@100", "eval/mrr@10", ...}
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
@@ -31,8 +32,8 @@ The run directory (config `run_dir`):
 
 Dynamic hard negatives (options under `negatives:`): a retrieval data set with a corpus and
 num_negatives > 0 trains with the candidates of the run's negative store, refreshed by the mining
-sidecar (`python -m mining sidecar --run-dir RUN`) and by Conan's rule; training/negatives_runtime.py
-owns all of it, and the training loop calls it once per step.
+sidecar (`python -m mining sidecar --run-dir RUN`) and by Conan's rule; training/negatives/ owns all of
+it, and the training loop calls its runtime once per step.
 
 Before any model is loaded everything that can be checked is: the configuration, the DeepSpeed JSON
 against it, the model directory, and every record of every data file. A problem there is one line
@@ -85,12 +86,13 @@ from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, 
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (Config, ConfigError, ModelConfig, build_ds_config, check_evaluation_data, check_model,
                              load_config, to_dict)
-from training.data import SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader, prefetch_steps
+from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
+                           prefetch_steps, samples_in_step, shared_query_tasks, store_specs)
 from training.grad_cache import backward_step
 from training import zero3_loading
 from training.lora import add_lora, trainable_parameter_groups
 from training.loss import StepLoss
-from training.negatives_runtime import NegativesRuntime
+from training.negatives import NegativesRuntime
 from training.schedule import assign_tasks
 
 logger = logging.getLogger("training")
@@ -176,7 +178,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, list[Task]]:
     if not args.resume and latest_checkpoint(config.run_dir) is not None:
         raise ConfigError(f"{config.run_dir} already holds checkpoints: pass --resume to continue that run, "
                           "or choose another run_dir")
-    return config, model_path, load_tasks(config)
+    return config, model_path, load_tasks(config, world_size)
 
 
 def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Namespace, argv: list[str],
@@ -204,7 +206,8 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
             logger.info("resumed from step %d", start_step)
         elif rank == 0:
             logger.info("--resume: no checkpoint in %s, starting from step 0", run_dir)
-    negatives = NegativesRuntime(run_dir, tasks, config.negatives, lookahead=prefetch_steps(config.train.num_workers))
+    negatives = NegativesRuntime(run_dir, store_specs(tasks), config.negatives,
+                                 lookahead=prefetch_steps(config.train.num_workers))
     negatives.start(start_step, resumed_from)
 
     record = RunRecord(run_dir, argv, world_size, ds_config, start_step, enabled=rank == 0)
@@ -287,8 +290,15 @@ def set_attention(encoder, m: ModelConfig, step: int) -> None:
     encoder.future_weight = None if m.attention == "causal" else future_weight(m.attention, step, m.softmask_steps)
 
 
+def warmup_steps(config: Config) -> int:
+    """optim.warmup_steps, or optim.warmup_ratio of train.max_steps (rounded)."""
+    ratio = config.optim.warmup_ratio
+    return config.optim.warmup_steps if ratio is None else round(ratio * config.train.max_steps)
+
+
 def lr_factor(config: Config):
-    warmup, total, schedule = config.optim.warmup_steps, config.train.max_steps, config.optim.schedule
+    total, schedule = config.train.max_steps, config.optim.schedule
+    warmup = warmup_steps(config)
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:
@@ -308,6 +318,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir, t = Path(config.run_dir), config.train
     batch_size_of = {task.name: task.batch_size for task in tasks}
+    shared = shared_query_tasks(config)
     loss_kind_of = {task.name: task.loss_kind for task in tasks}
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
     eval_log = MetricsLog(run_dir, start_step, EVAL_JSONL) if rank == 0 and config.evaluation.beir else None
@@ -349,11 +360,12 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
             state.cursors = batch.cursors_after
 
             now = time.perf_counter()
-            samples = sum(batch_size_of[name] for name in batch.assignment)
+            samples = samples_in_step(batch.assignment, batch_size_of, shared)
+            trained = batch.store_negatives if isinstance(batch, RetrievalBatch) else None
             figures = {"step": step, "loss": out.value, **{f"loss/{k}": v for k, v in out.per_task_kind.items()},
                        "lr": lr, "samples": samples, "samples_per_s": samples / (now - last),
                        "step_time_s": now - last, "tasks": list(batch.assignment), "time": time.time(),
-                       **negatives.after_step(step, batch, out.negative_scores)}
+                       **score_figures(out), **negatives.after_step(step, trained, out.negative_scores)}
             if out.masked is not None:
                 figures["masked_false_negatives"] = out.masked
             if engine.module.future_weight is not None:  # bidirectional or softmask: alpha of this step
@@ -381,6 +393,17 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
             if log is not None:
                 log.close()
     return status, step
+
+
+def score_figures(out: StepLoss) -> dict[str, float]:
+    """scores/<data set>/positive and .../negative: the mean score of the queries' positives and of their own
+    hard negatives at the step (the paper's Fig. 2 view of how hard the negatives in use are)."""
+    figures = {}
+    for name, (positive, negative) in (out.scores or {}).items():
+        figures[f"scores/{name}/positive"] = positive
+        if negative is not None:
+            figures[f"scores/{name}/negative"] = negative
+    return figures
 
 
 class LossNotFinite(RuntimeError):

@@ -36,6 +36,14 @@ def assign_tasks(
     return slots[shift:] + slots[:shift]
 
 
+def ranks_per_task(world_size: int, task_weights: dict[str, float], mode: str = "balanced") -> dict[str, int]:
+    """How many ranks train each task at a step it is trained in: the same at every step (balanced: its
+    apportioned count; random_task: all of them)."""
+    if mode == "random_task":
+        return {t: world_size for t in task_weights}
+    return apportion(world_size, task_weights)
+
+
 def apportion(world_size: int, task_weights: dict[str, float]) -> dict[str, int]:
     """Ranks per task: largest remainder on the weights, at least one rank per task."""
     tasks = sorted(task_weights)

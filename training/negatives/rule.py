@@ -1,68 +1,57 @@
-"""Dynamic hard-negative mining (Conan-embedding, Li et al. 2024): per-sample state and the rule.
+"""Dynamic hard-negative mining (Conan-embedding, Li et al. 2024, §2.2): per-sample state and the rule.
 
-Every training query (a "sample": its row in the retrieval data set) trains against n hard negatives
-taken from its ranked candidate list (the negative store version in use). The state remembers, per
-sample, which negatives it has now, s0 = their average score against the query when they were
-assigned, and s = their current average score. Every `check_interval` steps the rule replaces
-negatives that are no longer hard:
+Every training query (a "sample": its row in the retrieval data set) trains against the hard negatives of
+a window of its ranked candidate list in the negative store version in use (training/negatives/plan.py:
+N x n ranks, n per rank that holds the query). The state remembers, per sample, which window it has,
+s0 = the mean score its negatives had when they were assigned, and s = their latest mean score as the
+model sees them while training. Every `check_interval` steps the rule replaces negatives that are no
+longer hard:
 
-  window rule (the paper's): a sample whose 1.15 * s < s0 and |s| < 0.8 moves from window i to
-      window i + 1, where window i is ranks [offset + (i - 1) * n, offset + i * n) of its candidate
-      list (offset: the data set's neg_offset; Conan skips 10);
-  per-negative rule (the follow-up paper's): each negative j whose 1.2 * s_j < s0_j and s_j < 0.7,
-      or whose initial score s0_j < 0.4, is replaced by the next rank not used yet.
+  window rule (v1's): a sample whose 1.15 * s < s0 and |s| < 0.8 moves from window i to window i + 1,
+      i.e. ranks [offset + (i - 1) N n, offset + i N n) of its list (offset: the data set's neg_offset;
+      Conan skips 10); all N slices of the window are replaced together;
+  per-negative rule (Conan-v2's): each negative j whose 1.2 * s_j < s0_j and s_j < 0.7, or whose initial
+      score s0_j < 0.4, is replaced by the next rank not used yet.
 
-Scores. s comes from the similarities the loss computes anyway (StepLoss.negative_scores), recorded
-whenever the sample is trained: no extra forward pass. s0 is the first score recorded after the
-assignment, by default: s and s0 then come from the same live model in the same mode (dropout,
-precision, pooling), so their ratio measures what training did to the negatives and nothing else.
-A sample must be trained twice after an assignment before the ratio can fire (a negative s and the
-per-negative initial-score test need only once). The alternative, the mined scores of the store
-version, is available per record (`record(mined_scores=...)`, an API the trainer does not use): it
-lets the ratio fire at the first training, at the price of comparing the live model with the (older,
-eval-mode) export that mined.
-NaN means "not observed since the assignment"; comparisons with NaN are false, so such a sample is
-never stale. The rule runs in float32, the precision of the scores; thresholds are strict (a sample
-exactly at 1.15 * s == s0 or |s| == 0.8 is not stale).
+Scores. s0 is the store's mining score of the assigned negatives (the score at assignment, as both papers
+define it: v2 tests S0 < 0.4 before any training), so a sample trained once since its assignment can be
+judged at the next check. The mining score of a window reaches the trainer with the batch that trains it
+(the DataLoader worker reads it beside the candidates) and is recorded with the first live score; a slot
+without a mined candidate (topped up with a random passage) takes its first live score instead. s is the
+newest live score: the similarities the loss computes anyway (StepLoss.negative_scores), no extra forward.
+NaN means "not observed since the assignment"; comparisons with NaN are false, so such a sample is never
+stale. The rule runs in float32, the precision of the scores; thresholds are strict (a sample exactly at
+1.15 * s == s0 or |s| == 0.8 is not stale).
 
-Ranks and the end of the list. A rank indexes the ranked list the trainer draws negatives from
-(training/data.py: the store's candidates minus the query's positives). Given the list's length
-(`negative_ranks(sample, num_candidates)`, or `fit_ranks` where only the ranks travel), ranks
-wrap: window i past the last full window starts over at the first window (the per-negative rule
-likewise wraps each rank; a rank that would repeat another slot's becomes -1). Starting over is
-chosen over keeping the last window because the list is re-mined with newer models: the first
-window of the version in use holds the negatives hardest for a recent model, the last window the
-easiest. -1 marks a slot without a candidate (a list shorter than one window past the offset); the
-trainer tops such slots up with random passages, as it does for short lists.
+Ranks and the end of the list: see plan.fit_ranks (a window past the last full one starts over at the
+first; -1 marks a slot with no candidate, topped up by the trainer).
 
-Distributed use. Ranks train different samples, so records are only queued by `record()`;
-`sync()` (collective) gathers every rank's queue and applies all records in the order (step, rank,
-call), so every rank ends with identical state, equal to one process applying the same records.
-Everything that changes assignments (`check`, `adopt_version`) and `state_dict` requires a synced
-state (so a checkpoint step calls sync() too), and the trainer calls, on every rank at the same step:
+Distributed use. Ranks train different samples, so records are only queued by `record()`; `sync()`
+(collective) gathers every rank's queue and applies all records in the order (step, rank, call), so every
+rank ends with identical state, equal to one process applying the same records. Everything that changes
+assignments (`check`, `adopt_version`) and `state_dict` requires a synced state (so a checkpoint step
+calls sync() too), and the trainer calls, on every rank at the same step:
 
     if dyn.due(step):
         dyn.sync()
         result = dyn.check(step)            # result.metrics() -> metrics.jsonl
 
-Batches are planned ahead of training (DataLoader prefetch), so a batch trained after a check may
-still hold the negatives that the check replaced. Every assignment change bumps the sample's
-`generation`; a plan that carries `generation[row]` from when it was made and passes it to
-`record()` has its scores dropped at sync if the negatives changed meanwhile, instead of being
-credited to the new negatives.
+Batches are planned ahead of training (DataLoader prefetch), so a batch trained after a check may still
+hold the negatives that the check replaced. Every assignment change bumps the sample's `generation`; a
+plan that carries `generation[row]` from when it was made and passes it to `record()` has its scores
+dropped at sync if the negatives changed meanwhile, instead of being credited to the new negatives.
 
-The version in use. All samples read the one version in use; `adopt_version` switches to a newer
-one (every rank at the same step: training/negatives_runtime.py decides when). Window indices
-and per-negative ranks are kept, but the negatives behind them changed, so every sample's scores
-are reset (s0 is re-observed) and every generation bumped.
+The version in use. All samples read the one version in use; `adopt_version` switches to a newer one
+(every rank at the same step: training/negatives/runtime.py decides when). A new version is a new ranked
+list, mined by a newer model: every sample starts again at its first window (the hardest negatives for
+that model), with its scores forgotten and its generation bumped.
 
 `state_dict()` / `load_state_dict()` give and take NumPy arrays only (no pickle); `save_states` /
 `load_states` keep every data set's state in one safetensors file of a checkpoint.
 
-This module is the rule and its state only, with no files but checkpoints and no clock: where store
-versions come from, and when each of these calls happens in training, is
-training/negatives_runtime.py. The options are config.NegativesConfig (`negatives:` in a recipe);
-n and the skipped top ranks are each data set's num_negatives and neg_offset.
+This module is the rule and its state only, with no files but checkpoints and no clock. The options are
+config.NegativesConfig (`negatives:` in a recipe); the layout (n, N, the skipped top ranks) is the data
+set's StoreSpec.
 """
 from __future__ import annotations
 
@@ -78,62 +67,73 @@ import torch
 import torch.distributed as dist
 
 from training.config import NegativesConfig
+from training.negatives.plan import StoreSpec
 
 
 # The rules by number, as checkpoints store them (the order must never change).
 RULES = typing.get_args(typing.get_type_hints(NegativesConfig)["rule"])
 _NONE = -1  # version / model step / generation "not given"
+RATIO_QUANTILES = (0.1, 0.5, 0.9)  # of s / s0 over the samples a check could judge
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What one application of the rule found (identical on every rank)."""
+    """What one application of the rule saw and did (identical on every rank)."""
 
     step: int
+    eligible_samples: int  # samples with s and s0 since their assignment: those the rule could judge
     stale_samples: int  # samples whose negatives (any of them, per_negative) were stale and replaced
-    replaced_negatives: int  # negatives replaced: stale_samples * n for the window rule
-    mean_score: float | None  # mean of s over the samples observed since their assignment
-    unobserved_samples: int  # samples whose current negatives have no recorded score yet
+    replaced_negatives: int  # negatives replaced: stale_samples * N * n for the window rule
+    mean_score: float | None  # mean of s over the eligible samples
+    mean_initial_score: float | None  # mean of s0 over the same samples
+    ratio_quantiles: tuple[float, ...] | None  # s / s0 at RATIO_QUANTILES, over eligible samples with s0 > 0
+    unobserved_samples: int  # samples whose current negatives have no live score yet
     version: int | None  # negative store version in use
     export_age_steps: int | None  # step minus the training step of the export that mined it
 
     def metrics(self, prefix: str = "negatives/") -> dict[str, Any]:
         """Flat, JSON-ready figures for metrics.jsonl."""
-        return {f"{prefix}{key}": value for key, value in (
-            ("stale", self.stale_samples), ("replaced", self.replaced_negatives),
-            ("mean_score", self.mean_score), ("unobserved", self.unobserved_samples),
-            ("version", self.version), ("export_age_steps", self.export_age_steps))}
+        figures = {"eligible": self.eligible_samples, "stale": self.stale_samples,
+                   "replaced": self.replaced_negatives, "mean_score": self.mean_score,
+                   "mean_initial_score": self.mean_initial_score, "unobserved": self.unobserved_samples,
+                   "version": self.version, "export_age_steps": self.export_age_steps}
+        for q, value in zip(RATIO_QUANTILES, self.ratio_quantiles or (None,) * len(RATIO_QUANTILES)):
+            figures[f"ratio_q{round(q * 100):02d}"] = value
+        return {f"{prefix}{key}": value for key, value in figures.items()}
 
 
 class DynamicNegativeState:
-    """Per-sample negatives, their scores, and the rule. Arrays are public and indexed by sample:
+    """Per-sample negatives, their scores, and the rule, for one data set (its StoreSpec). Arrays are
+    public and indexed by sample; W = N x n, the negatives of a query over the ranks sharing it:
 
-    window         int32 [N]      1-based window index i (window rule; stays 1 under per_negative)
-    initial_score  float32 [N]    s0, mean over the sample's negatives; NaN until observed
-    score          float32 [N]    s, the latest mean; NaN until observed
-    generation     int64 [N]      bumped whenever the sample's negatives change
+    window         int32 [S]      1-based window index i (window rule; stays 1 under per_negative)
+    initial_score  float32 [S]    s0, mean over the sample's negatives; NaN until recorded
+    score          float32 [S]    s, the latest mean; NaN until recorded
+    generation     int64 [S]      bumped whenever the sample's negatives change
     per_negative rule only:
-    slot_ranks     int32 [N, n]   rank of each negative slot's candidate
-    slot_initial_score, slot_score  float32 [N, n]   s0 and s per slot
-    next_rank      int32 [N]      the next rank not used yet
+    slot_ranks     int32 [S, W]   rank of each negative slot's candidate
+    slot_initial_score, slot_score  float32 [S, W]   s0 and s per slot
+    next_rank      int32 [S]      the next rank not used yet
     """
 
-    def __init__(self, num_samples: int, options: NegativesConfig, num_negatives: int, rank_offset: int):
-        if num_samples < 0 or num_negatives < 1 or rank_offset < 0:
-            raise ValueError(f"num_samples {num_samples}, num_negatives {num_negatives} and rank_offset {rank_offset} "
-                             "must be >= 0, >= 1 and >= 0")
-        self.num_samples, self.options = num_samples, options
-        self.num_negatives, self.rank_offset = num_negatives, rank_offset
-        n, offset = num_negatives, rank_offset
-        self.window = np.ones(num_samples, np.int32)
-        self.initial_score = np.full(num_samples, np.nan, np.float32)
-        self.score = np.full(num_samples, np.nan, np.float32)
-        self.generation = np.zeros(num_samples, np.int64)
+    def __init__(self, spec: StoreSpec, options: NegativesConfig):
+        if spec.num_samples < 0 or spec.negatives_per_rank < 1 or spec.sharing_ranks < 1 or spec.rank_offset < 0:
+            raise ValueError(f"{spec.name}: num_samples {spec.num_samples}, n {spec.negatives_per_rank}, N "
+                             f"{spec.sharing_ranks} and rank_offset {spec.rank_offset} must be >= 0, >= 1, >= 1, >= 0")
+        if spec.rule != options.rule:
+            raise ValueError(f"{spec.name}: the data set's rule {spec.rule!r} is not negatives.rule {options.rule!r}")
+        self.spec, self.options = spec, options
+        self.num_samples, self.width, self.rank_offset = spec.num_samples, spec.width, spec.rank_offset
+        self.window = np.ones(self.num_samples, np.int32)
+        self.initial_score = np.full(self.num_samples, np.nan, np.float32)
+        self.score = np.full(self.num_samples, np.nan, np.float32)
+        self.generation = np.zeros(self.num_samples, np.int64)
         if options.rule == "per_negative":
-            self.slot_ranks = np.tile(np.arange(offset, offset + n, dtype=np.int32), (num_samples, 1))
-            self.slot_initial_score = np.full((num_samples, n), np.nan, np.float32)
-            self.slot_score = np.full((num_samples, n), np.nan, np.float32)
-            self.next_rank = np.full(num_samples, offset + n, np.int32)
+            self.slot_ranks = np.zeros((self.num_samples, self.width), np.int32)
+            self.slot_initial_score = np.full((self.num_samples, self.width), np.nan, np.float32)
+            self.slot_score = np.full((self.num_samples, self.width), np.nan, np.float32)
+            self.next_rank = np.zeros(self.num_samples, np.int32)
+            self._first_windows(np.ones(self.num_samples, bool))
         self.version: int | None = None
         self.version_model_step: int | None = None
         self._pending: list[_Record] = []
@@ -144,53 +144,43 @@ class DynamicNegativeState:
         """Whether the rule runs after optimizer step `step` (steps counted from 1)."""
         return self.options.dynamic and step > 0 and step % self.options.check_interval == 0
 
-    def negative_ranks(self, sample: int, num_candidates: int | None = None) -> np.ndarray:
-        """int64 [n]: ranks in the sample's candidate list of the negatives to train with now.
-
-        num_candidates, the length of that list: see fit_ranks(). None: the list is taken as long
-        enough (a DataLoader worker that knows the length can call fit_ranks on these ranks).
-        """
-        n, offset = self.num_negatives, self.rank_offset
+    def negative_ranks(self, sample: int) -> np.ndarray:
+        """int64 [W]: ranks in the sample's candidate list of its window now (plan.fit_ranks fits them to
+        the list's length, in the DataLoader worker that reads the list)."""
         if self.options.rule == "window":
-            ranks = offset + (int(self.window[sample]) - 1) * n + np.arange(n, dtype=np.int64)
-        else:
-            ranks = self.slot_ranks[sample].astype(np.int64)
-        return ranks if num_candidates is None else fit_ranks(ranks, num_candidates, self.options.rule, n, offset)
+            return self.rank_offset + (int(self.window[sample]) - 1) * self.width + np.arange(self.width, dtype=np.int64)
+        return self.slot_ranks[sample].astype(np.int64)
 
     # --- recording -------------------------------------------------------------------------------
 
-    def record(self, sample_indices, negative_scores, step: int, generations=None, mined_scores=None) -> None:
-        """Queue the scores of samples this rank trained at optimizer step `step` (applied by sync()).
+    def record(self, sample_indices, live_scores, step: int, store_scores, generations=None) -> None:
+        """Queue the scores of samples trained at optimizer step `step` (applied by sync()).
 
-        negative_scores: [b, n] (NumPy or torch, any device and float dtype), the similarity of each
-        query with each of its hard negatives in the order negative_ranks() gave them.
-        generations: [b], generation[sample] when the batch was planned; records whose negatives
-        changed since are dropped at sync. None: always credited to the current negatives.
-        mined_scores: [b, n] the store's scores of the same negatives; when given, s0 is taken from
-        them instead of from the first observed scores (a NaN entry, a slot without a mined
-        candidate, falls back to the observed score).
+        live_scores: [b, W] (NumPy or torch, any device and float dtype), the similarity of each query with
+        each negative of its window in negative_ranks() order, as the model saw them in the step.
+        store_scores: [b, W], the mining scores of the same negatives (s0); NaN for a slot without a mined
+        candidate, which takes its first live score as s0.
+        generations: [b], generation[sample] when the batch was planned; records whose negatives changed
+        since are dropped at sync. None: always credited to the current negatives.
         """
         samples = _as_numpy(sample_indices, np.int64).reshape(-1)
-        b, n = len(samples), self.num_negatives
-        scores = _as_numpy(negative_scores, np.float32)
-        if scores.shape != (b, n):
-            raise ValueError(f"negative_scores has shape {tuple(scores.shape)}, expected ({b}, {n}): "
-                             f"one row per sample, num_negatives={n} columns")
+        b, width = len(samples), self.width
+        scores = _as_numpy(live_scores, np.float32)
+        if scores.shape != (b, width):
+            raise ValueError(f"live scores have shape {tuple(scores.shape)}, expected ({b}, {width}): one row per "
+                             f"sample, N x n = {width} columns")
         if b and (samples.min() < 0 or samples.max() >= self.num_samples):
             raise IndexError(f"sample index outside [0, {self.num_samples})")
         if not np.isfinite(scores).all():
-            raise ValueError(f"negative_scores at step {step} holds NaN or infinite values")
+            raise ValueError(f"live scores at step {step} hold NaN or infinite values")
+        mined = _as_numpy(store_scores, np.float32)
+        if mined.shape != (b, width):
+            raise ValueError(f"store scores have shape {tuple(mined.shape)}, expected ({b}, {width})")
         if generations is None:
             generations = np.full(b, _NONE, np.int64)
         generations = _as_numpy(generations, np.int64).reshape(-1)
         if len(generations) != b:
             raise ValueError(f"generations has {len(generations)} entries for {b} samples")
-        if mined_scores is None:
-            mined = np.full((b, n), np.nan, np.float32)
-        else:
-            mined = _as_numpy(mined_scores, np.float32)
-            if mined.shape != (b, n):
-                raise ValueError(f"mined_scores has shape {tuple(mined.shape)}, expected ({b}, {n})")
         self._pending.append(_Record(step, samples, generations, scores, mined))
 
     def sync(self, group=None) -> None:
@@ -199,7 +189,7 @@ class DynamicNegativeState:
         Without torch.distributed (or with one rank) it applies this process's queue. Uses
         all_gather_object: under NCCL, torch.cuda.set_device(local_rank) must have been called.
         """
-        mine = _pack(self._pending, self.num_negatives)
+        mine = _pack(self._pending, self.width)
         mine["fingerprint"] = self._fingerprint()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -238,15 +228,22 @@ class DynamicNegativeState:
     def check(self, step: int) -> CheckResult:
         """Apply the rule to every sample (after sync(), at the same step on every rank)."""
         self._require_synced("check")
-        observed = ~np.isnan(self.score)
-        mean_score = float(self.score[observed].mean()) if observed.any() else None
-        unobserved = int((~observed).sum())
+        eligible = ~np.isnan(self.score) & ~np.isnan(self.initial_score)
+        s_eligible, s0_eligible = self.score[eligible], self.initial_score[eligible]
+        judged = s0_eligible > 0
+        ratios = s_eligible[judged] / s0_eligible[judged]
+        figures = dict(
+            eligible_samples=int(eligible.sum()),
+            mean_score=float(s_eligible.mean()) if eligible.any() else None,
+            mean_initial_score=float(s0_eligible.mean()) if eligible.any() else None,
+            ratio_quantiles=(tuple(float(v) for v in np.quantile(ratios, RATIO_QUANTILES)) if len(ratios) else None),
+            unobserved_samples=int(np.isnan(self.score).sum()))
         cfg = self.options
         if cfg.rule == "window":
             s, s0 = self.score, self.initial_score
             stale = (np.float32(cfg.stale_ratio) * s < s0) & (np.abs(s) < np.float32(cfg.stale_abs_max))
             self.window[stale] += 1
-            replaced = int(stale.sum()) * self.num_negatives
+            replaced = int(stale.sum()) * self.width
         else:
             s, s0 = self.slot_score, self.slot_initial_score
             slot_stale = ((np.float32(cfg.per_negative_ratio) * s < s0) & (s < np.float32(cfg.per_negative_max_score))
@@ -261,25 +258,33 @@ class DynamicNegativeState:
             replaced = int(slot_stale.sum())
         self._reset(stale)
         return CheckResult(step=step, stale_samples=int(stale.sum()), replaced_negatives=replaced,
-                           mean_score=mean_score, unobserved_samples=unobserved, version=self.version,
-                           export_age_steps=(step - self.version_model_step
-                                             if self.version_model_step is not None else None))
+                           version=self.version, export_age_steps=(step - self.version_model_step
+                                                                   if self.version_model_step is not None else None),
+                           **figures)
 
     def adopt_version(self, version: int, model_step: int | None) -> bool:
         """Use negative store `version` (mined by the export of training step `model_step`) from now on.
 
-        Same step on every rank, after sync(). Returns False, changing nothing, for the version
-        already in use (as after a resume); otherwise every sample's scores are reset.
+        Same step on every rank, after sync(). Returns False, changing nothing, for the version already in
+        use (as after a resume); otherwise every sample goes back to its first window, scores forgotten.
         """
         self._require_synced("adopt_version")
         if version == self.version:
             return False
         self.version, self.version_model_step = int(version), None if model_step is None else int(model_step)
-        self._reset(np.ones(self.num_samples, bool))
+        everyone = np.ones(self.num_samples, bool)
+        self.window[:] = 1
         if self.options.rule == "per_negative":
-            self.slot_initial_score[:] = np.nan
-            self.slot_score[:] = np.nan
+            self._first_windows(everyone)
+        self._reset(everyone)
         return True
+
+    def _first_windows(self, samples: np.ndarray) -> None:
+        """per_negative: the slots of `samples` hold the first window's ranks again, no scores."""
+        self.slot_ranks[samples] = np.arange(self.rank_offset, self.rank_offset + self.width, dtype=np.int32)
+        self.next_rank[samples] = self.rank_offset + self.width
+        self.slot_initial_score[samples] = np.nan
+        self.slot_score[samples] = np.nan
 
     def _reset(self, changed: np.ndarray) -> None:
         """The negatives of `changed` samples are new: forget their sample-level scores."""
@@ -301,7 +306,7 @@ class DynamicNegativeState:
         """Arrays only (copies), after sync(): store with safetensors or np.savez."""
         self._require_synced("state_dict")
         state = {
-            "layout": np.array([self.num_samples, RULES.index(self.options.rule), self.num_negatives, self.rank_offset],
+            "layout": np.array([self.num_samples, RULES.index(self.options.rule), self.width, self.rank_offset],
                                np.int64),
             "version": np.array([_NONE if self.version is None else self.version,
                                  _NONE if self.version_model_step is None else self.version_model_step], np.int64),
@@ -319,14 +324,17 @@ class DynamicNegativeState:
         layout = np.asarray(state["layout"])
         if layout.shape != (4,):
             raise ValueError(f"dynamic negatives checkpoint: 'layout' has shape {layout.shape}, expected (4,)")
-        have = dict(zip(("num_samples", "rule", "num_negatives", "rank_offset"), (int(v) for v in layout)))
+        have = dict(zip(("num_samples", "rule", "width", "rank_offset"), (int(v) for v in layout)))
         have["rule"] = RULES[have["rule"]] if 0 <= have["rule"] < len(RULES) else have["rule"]
-        want = {"num_samples": self.num_samples, "rule": self.options.rule, "num_negatives": self.num_negatives,
+        want = {"num_samples": self.num_samples, "rule": self.options.rule, "width": self.width,
                 "rank_offset": self.rank_offset}
+        names = {"num_samples": "samples", "rule": "rule", "rank_offset": "neg_offset",
+                 "width": "negatives per query (N ranks sharing a query x num_negatives)"}
         for key in want:
             if have[key] != want[key]:
-                raise ValueError(f"dynamic negatives checkpoint: {key} is {have[key]!r}, this run has "
-                                 f"{want[key]!r} (the data set or the configuration changed since it was saved)")
+                raise ValueError(f"dynamic negatives checkpoint of {self.spec.name!r}: {names[key]} is {have[key]!r}, "
+                                 f"this run has {want[key]!r} (the data set, the configuration or the ranks sharing "
+                                 "its queries changed since it was saved)")
         arrays = {}
         for name in self._array_names():
             value, current = np.asarray(state[name]), getattr(self, name)
@@ -377,25 +385,6 @@ def load_states(path: str | os.PathLike, states: dict[str, DynamicNegativeState]
             raise ValueError(f"{path} holds no dynamic negatives state for data set {name!r} (it holds "
                              f"{sorted(grouped)}): the data sets changed since the checkpoint was written")
         state.load_state_dict(grouped[name])
-
-
-def fit_ranks(ranks: np.ndarray, num_candidates: int, rule: str, num_negatives: int, rank_offset: int) -> np.ndarray:
-    """negative_ranks() output fitted to a candidate list of num_candidates: ranks past its end wrap
-    around (module docstring), -1 marks a slot with no candidate."""
-    n, offset = num_negatives, rank_offset
-    usable = max(0, num_candidates - offset)
-    position = np.asarray(ranks, np.int64) - offset
-    if rule == "window":
-        full_windows = usable // n
-        if full_windows == 0:  # not even one window: what there is, -1 for the rest
-            return np.where(np.arange(n) < usable, offset + np.arange(n), -1)
-        return offset + (position // n % full_windows) * n + position % n
-    if usable == 0:
-        return np.full(n, -1, np.int64)
-    wrapped = offset + position % usable
-    repeated = np.ones(n, bool)
-    repeated[np.unique(wrapped, return_index=True)[1]] = False  # a rank already held by an earlier slot
-    return np.where(repeated, -1, wrapped)
 
 
 # --- queued records ------------------------------------------------------------------------------

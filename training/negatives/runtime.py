@@ -2,25 +2,27 @@
 
 The trainer talks to one NegativesRuntime, on every rank, at four moments:
 
-    runtime = NegativesRuntime(run_dir, tasks, config.negatives, lookahead=prefetch_steps(workers))
+    runtime = NegativesRuntime(run_dir, store_specs(tasks), config.negatives, lookahead=prefetch_steps(workers))
     runtime.start(start_step, checkpoint_dir)     # before the first plan: restore, pick the version
-    ...                                           # the sampler asks runtime.plan(task, rows) per batch
-    figures = runtime.after_step(step, batch, negative_scores)   # every optimizer step
+    ...                                           # the sampler asks runtime.plan(task, rows, r) per batch
+    figures = runtime.after_step(step, batch.store_negatives, out.negative_scores)   # every optimizer step
     write_extra = runtime.before_checkpoint()     # at a checkpoint step, for save_checkpoint
     runtime.close()
 
-What happens inside, for each retrieval data set with a corpus and num_negatives > 0:
-- start: a resumed run restores every sample's state (DynamicNegativeState, the rule) from the
-  checkpoint; the version to train with is the checkpoint's while it is there and sound, else the
-  newest sound version mined for the data set's pairs file and corpus (none: the pairs file's `neg`
-  texts, or in-batch negatives, until one appears; a resumed run whose checkpoint trained with a
-  version and finds no sound one any more stops with an error).
-- plan: the version in use, each row's negative ranks and generations, fixed in the plan (DataLoader
-  workers read the store themselves).
-- after_step: the loss's scores of the batch's store negatives are recorded; every
-  negatives.check_interval steps all ranks apply the rule (stale samples move to their next window);
-  then, if rank 0's VersionFeed has verified a newer store version, all ranks adopt it at this step.
-  Returns the figures for metrics.jsonl.
+What happens inside, for each data set that reads the store (a StoreSpec: a retrieval data set with a
+corpus and num_negatives > 0):
+- start: a resumed run restores every sample's state (rule.DynamicNegativeState) from the checkpoint; the
+  version to train with is the checkpoint's while it is there and sound, else the newest sound version
+  mined for the data set's pairs file and corpus (none: the pairs file's `neg` texts, or in-batch
+  negatives, until one appears; a resumed run whose checkpoint trained with a version and finds no sound
+  one any more stops with an error).
+- plan: the version in use, each row's window (N x n ranks) and generation, and which slice of it the
+  asking rank takes, fixed in the plan (DataLoader workers read the store themselves: source.StoreReader).
+- after_step: the live scores of the batch's store negatives are recorded with their mining scores (by
+  the first of the ranks sharing the queries, which scores each query against all N x n); every
+  negatives.check_interval steps all ranks apply the rule (stale samples move to their next window); then,
+  if rank 0's VersionFeed has verified a newer store version, all ranks adopt it at this step. Returns
+  the figures for metrics.jsonl.
 - before_checkpoint: every rank's records are synced, and the state goes into the checkpoint.
 
 Rank 0 looks for new versions without ever waiting for one (checksums are verified in a background
@@ -46,25 +48,23 @@ import torch.distributed as dist
 from embedlib.exports import latest_export
 from embedlib.negstore import NegativeStore, NegativeStoreError, NegativeVersion
 from training.config import ConfigError, NegativesConfig
-from training.data import PlannedNegatives, RetrievalBatch, RetrievalTask, StepBatch, Task
-from training.dynamic_negatives import STATE_FILENAME, DynamicNegativeState, load_states, save_states
+from training.negatives.plan import BatchNegatives, PlannedNegatives, StoreSpec
+from training.negatives.rule import STATE_FILENAME, DynamicNegativeState, load_states, save_states
 
 logger = logging.getLogger(__name__)
 
 
 class NegativesRuntime:
-    """See the module docstring. A run without a store-backed data set gets an idle runtime: its calls
-    change nothing, and the figures say no data set uses a store version."""
+    """See the module docstring. A run without a data set that reads the store gets an idle runtime: its
+    calls change nothing, and the figures say no data set uses a store version."""
 
-    def __init__(self, run_dir: str | os.PathLike, tasks: list[Task], options: NegativesConfig, lookahead: int):
-        store_tasks = [t for t in tasks if isinstance(t, RetrievalTask) and t.store is not None]
-        self.states = {t.name: DynamicNegativeState(len(t), options, t.store.num_negatives, t.store.rank_offset)
-                       for t in store_tasks}
+    def __init__(self, run_dir: str | os.PathLike, specs: list[StoreSpec], options: NegativesConfig, lookahead: int):
+        self.states = {spec.name: DynamicNegativeState(spec, options) for spec in specs}
         # Plans are made this many steps ahead of training: an adoption reaches the batches after them,
         # and the previous version stays pinned until then.
         self.lookahead = lookahead
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.feed = VersionFeed(run_dir, {t.name: t.store.fingerprints for t in store_tasks},
+        self.feed = VersionFeed(run_dir, {spec.name: spec.fingerprints for spec in specs},
                                 sidecar_timeout_s=options.sidecar_timeout_s) if self.states else None
 
     def start(self, start_step: int, checkpoint_dir: Path | None) -> None:
@@ -85,22 +85,26 @@ class NegativesRuntime:
             raise ConfigError(f"the checkpoint trains with negatives v{restored:06d}, and {self.feed.store.root} "
                               "holds no sound version mined for these data sets any more")
 
-    def plan(self, task_name: str, rows: tuple[int, ...]) -> PlannedNegatives | None:
-        """The store negatives of a batch being planned now: None without a version in use."""
+    def plan(self, task_name: str, rows: tuple[int, ...], slice_index: int = 0) -> PlannedNegatives | None:
+        """The store negatives of a batch being planned now, for the `slice_index`-th of the ranks sharing
+        its queries: None without a version in use."""
         state = self.states.get(task_name)
         if state is None or state.version is None:
             return None
         return PlannedNegatives(version=state.version,
                                 ranks=tuple(tuple(int(r) for r in state.negative_ranks(row)) for row in rows),
-                                generations=tuple(int(state.generation[row]) for row in rows))
+                                generations=tuple(int(state.generation[row]) for row in rows),
+                                slice_index=slice_index, sharing_ranks=state.spec.sharing_ranks)
 
-    def after_step(self, step: int, batch: StepBatch, negative_scores) -> dict[str, Any]:
-        """Every rank, after optimizer step `step`: record the batch's scores, apply the rule where due,
-        adopt a new store version if rank 0 has one ready. Returns the figures for metrics.jsonl."""
+    def after_step(self, step: int, trained: BatchNegatives | None, live_scores) -> dict[str, Any]:
+        """Every rank, after optimizer step `step`: record the live scores of the store negatives this rank
+        trained (`trained`, with live_scores [b, N x n] from the loss), apply the rule where due, adopt a new
+        store version if rank 0 has one ready. Returns the figures for metrics.jsonl."""
         if not self.states:
             return {"negatives_version": {}}
-        if isinstance(batch, RetrievalBatch) and batch.negatives is not None:  # s of these rows' negatives
-            self.states[batch.task].record(batch.rows, negative_scores, step, generations=batch.negatives.generations)
+        if trained is not None and trained.plan.slice_index == 0:  # one record per query, not one per slice
+            self.states[trained.task].record(trained.rows, live_scores, step, trained.store_scores,
+                                             generations=trained.plan.generations)
         figures: dict[str, Any] = {}
         checked = False
         for name, state in self.states.items():
@@ -110,7 +114,7 @@ class NegativesRuntime:
                 checked = True
         if checked and self.rank == 0:
             figures["negatives/sidecar_alive"] = not self.feed.sidecar_dead
-        # After the check: a new version resets every score, so the rule could not fire at this step.
+        # After the check: a new version resets every sample, so the rule could not fire at this step.
         announcement = broadcast_from_rank0(self.feed.take() if self.rank == 0 else None)
         if announcement is not None:
             self._adopt(announcement, step, self.lookahead)
@@ -148,10 +152,6 @@ def broadcast_from_rank0(value: Any, group=None) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     return box[0]
-
-
-
-
 
 @dataclass(frozen=True)
 class Announcement:
