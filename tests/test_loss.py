@@ -152,3 +152,56 @@ def test_malformed_shapes_are_rejected():
         cbb_step_loss(wrong, ["retrieval"], LossConfig())
     with pytest.raises(ValueError, match="score \\[b\\]"):
         cbb_step_loss(STSEmbeddings(batch.query, batch.positive, torch.zeros(2)), ["sts"], LossConfig())
+
+
+def test_classification_queries_never_meet_their_own_label_in_the_denominator():
+    torch.manual_seed(0)
+    query, positive = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    negatives = F.normalize(torch.randn(3, 1, 8), dim=-1)
+    labels, negative_labels = torch.tensor([5, 5, 6]), torch.tensor([[6], [6], [5]])
+    cfg = LossConfig(temperature=0.1)
+    out = cbb_step_loss(RetrievalEmbeddings(query, positive, negatives, label_keys=labels,
+                                            negative_label_keys=negative_labels), ["retrieval"], cfg)
+    candidates = torch.cat([labels, negative_labels.reshape(-1)])
+    same_label = candidates[None, :] == labels[:, None]
+    same_label.fill_diagonal_(False)
+    # Query 0 (label 5): query 1's positive and query 2's negative are left out; query 2 (label 6): the
+    # negatives of queries 0 and 1.
+    assert same_label.tolist() == [[False, True, False, False, False, True], [True, False, False, False, False, True],
+                                   [False, False, False, True, True, False]]
+    expected = info_nce(query, positive, negatives.reshape(-1, 8), 0.1, same_label)
+    assert out.value == pytest.approx(expected.item(), rel=1e-6)
+    unmasked = cbb_step_loss(RetrievalEmbeddings(query, positive, negatives), ["retrieval"], cfg)
+    assert unmasked.value != pytest.approx(out.value, rel=1e-3)
+    # Unlabelled text (-1) is never masked.
+    none = cbb_step_loss(RetrievalEmbeddings(query, positive, negatives, label_keys=torch.full((3,), -1),
+                                             negative_label_keys=torch.full((3, 1), -1)), ["retrieval"], cfg)
+    assert none.value == pytest.approx(unmasked.value, rel=1e-6)
+
+
+def test_shared_queries_on_one_rank_is_eq3_and_reports_scores():
+    """One rank (N = 1): each query against its positive and its own n negatives only; in_batch adds the
+    other positives. negative_scores and the per-data-set means come from the same scores."""
+    torch.manual_seed(1)
+    query, positive = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    negatives = F.normalize(torch.randn(4, 2, 8), dim=-1)
+    local = RetrievalEmbeddings(query, positive, negatives)
+    t = 0.05
+    own = (query * positive).sum(-1, keepdim=True)
+    hard = torch.einsum("nd,nmd->nm", query, negatives)
+    logits = torch.cat([own, hard], 1) / t
+    eq3 = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    out = cbb_step_loss(local, ["retrieval"], LossConfig(temperature=t, cbb_negatives="shared_queries"),
+                        rank_groups=["pairs"])
+    assert out.value == pytest.approx(eq3.item(), rel=1e-6)
+    assert torch.allclose(out.negative_scores, hard)
+    positive_mean, negative_mean = out.scores["pairs"]
+    assert positive_mean == pytest.approx(own.mean().item(), abs=1e-6)
+    assert negative_mean == pytest.approx(hard.mean().item(), abs=1e-6)
+    in_batch = cbb_step_loss(local, ["retrieval"], LossConfig(temperature=t, cbb_negatives="shared_queries",
+                                                               in_batch=True))
+    others = (query @ positive.T)[~torch.eye(4, dtype=torch.bool)].reshape(4, 3)
+    logits = torch.cat([own, hard, others], 1) / t
+    assert in_batch.value == pytest.approx((torch.logsumexp(logits, 1) - logits[:, 0]).mean().item(), rel=1e-6)
+    gathered = cbb_step_loss(local, ["retrieval"], LossConfig(temperature=t))
+    assert gathered.value > in_batch.value  # gathered also has the other queries' negatives

@@ -332,3 +332,104 @@ def test_ranks_that_read_different_data_stop(two_task_config, monkeypatch):
     others[1] = "another version of sts.tsv"
     with pytest.raises(ConfigError, match=r"data set 'sts' \(data.1\) differs between ranks"):
         check_same_data(tasks)
+
+
+def test_the_rule_replaces_a_window_trained_once_with_s0_from_the_store(tmp_path):
+    """The runtime's loop on one process: a window trained once whose live score fell below its mining
+    score / 1.15 moves to the next window at the next check; the new window's s0 is its own mining score;
+    a newly adopted version starts every sample at its first window again."""
+    corpus = read_corpus(REPO / "data" / "scifact" / "corpus.jsonl.gz")
+    pairs = [{"query": f"question {i}", "pos_ids": [corpus[i].id]} for i in range(4)]
+    pairs_path = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run_dir = tmp_path / "run"
+    candidates = np.array([[100 * (i + 1) + j for j in range(20)] for i in range(4)], dtype=np.int32)
+    scores = np.tile(np.linspace(0.9, 0.5, 20, dtype=np.float32), (4, 1))
+    fingerprints = dict(corpus_fingerprint=corpus_fingerprint(corpus),
+                        queries_fingerprint=queries_fingerprint([p["query"] for p in pairs]), model_path="m")
+    NegativeStore(run_dir).publish(candidates, scores, model_step=0, **fingerprints)
+    config = load_config(QUICKSTART, [f"run_dir={run_dir}", f"data.0.path={pairs_path}", "data.0.num_negatives=2",
+                                      "data.0.neg_offset=1", "negatives.check_interval=2"])
+    (task,) = load_tasks(config)
+    runtime = NegativesRuntime(run_dir, store_specs([task]), config.negatives, lookahead=0)
+    runtime.start(0, None)
+    reader = StoreReader(run_dir)
+
+    def trained(rows, live: float):
+        from training.negatives import BatchNegatives
+
+        plan = runtime.plan(task.name, rows)
+        store_scores = np.stack([reader.window(task.store, plan, i, r, task.positive_rows[r])[1]
+                                 for i, r in enumerate(rows)])
+        return plan, store_scores, BatchNegatives(task.name, rows, plan, store_scores), np.full((len(rows), 2), live)
+
+    plan, store_scores, batch, live = trained((0, 1), live=0.5)
+    np.testing.assert_array_equal(store_scores, scores[:2, 1:3])  # ranks 1 and 2 (offset 1)
+    assert runtime.after_step(1, batch, live) == {"negatives_version": {task.name: 1}}  # no check yet
+    # Sample 0 fell (0.5 * 1.15 < 0.89), sample 1 trained again at its mining score: not stale.
+    _, _, batch, _ = trained((1,), live=0.0)
+    figures = runtime.after_step(2, batch, np.full((1, 2), 0.88))
+    assert figures[f"negatives/{task.name}/eligible"] == 2 and figures[f"negatives/{task.name}/stale"] == 1
+    assert figures[f"negatives/{task.name}/replaced"] == 2
+    state = runtime.states[task.name]
+    assert list(state.window) == [2, 1, 1, 1] and np.isnan(state.initial_score[0])
+    plan, store_scores, batch, live = trained((0,), live=0.1)
+    assert plan.ranks == ((3, 4),)  # the next window
+    runtime.after_step(3, batch, live)
+    state.sync()
+    assert state.initial_score[0] == pytest.approx(scores[0, 3:5].mean())  # s0 of the new window, from the store
+    # A new version (mined by a newer export): every sample starts at its first window again.
+    NegativeStore(run_dir).publish(candidates[:, ::-1].copy(), scores, model_step=3, **fingerprints)
+    runtime.feed.poll_seconds = 0
+    for step in range(4, 400):
+        if runtime.after_step(step, None, None)["negatives_version"][task.name] == 2:
+            break
+    assert list(state.window) == [1, 1, 1, 1] and np.isnan(state.score).all()
+    assert runtime.plan(task.name, (0,)).ranks == ((1, 2),)
+    reader.close()
+    runtime.close()
+
+
+def test_ranks_sharing_queries_draw_the_same_rows_and_positives_and_their_own_negatives(tmp_path):
+    """shared_queries: the ranks given a data set at a step hold the same rows and positives; store
+    negatives are the r-th group of n of one window, pairs-file and classification negatives their own."""
+    corpus = read_corpus(REPO / "data" / "scifact" / "corpus.jsonl.gz")
+    with_neg = _write_jsonl(tmp_path / "neg.jsonl", [{"query": f"claim {i}", "pos": [corpus[i].passage],
+                                                      "neg": [corpus[i + j].passage for j in range(1, 8)]}
+                                                     for i in range(12)])
+    labels = _write_jsonl(tmp_path / "labels.jsonl", [{"text": corpus[i].title, "label": "abc"[i % 3]}
+                                                       for i in range(24)])
+    config = load_config(QUICKSTART, [
+        f"run_dir={tmp_path / 'run'}", "loss.cbb_negatives=shared_queries", "train.schedule_mode=random_task",
+        "data.0.limit=12", "data.0.batch_size=4",
+        f"data.1={{name: neg, kind: retrieval, path: {with_neg}, batch_size: 3, num_negatives: 2}}",
+        f"data.2={{name: cls, kind: classification, path: {labels}, batch_size: 3, num_negatives: 2}}"])
+    _publish_scifact_store(Path(config.run_dir))
+    tasks = load_tasks(config, world_size=3)
+    assert tasks[0].store.sharing_ranks == 3 and tasks[0].store.width == 3 * 3
+    runtime = NegativesRuntime(config.run_dir, store_specs(tasks), config.negatives, lookahead=0)
+    runtime.start(0, None)
+    from training.data import shared_query_tasks
+
+    seen = set()
+    for step in range(12):
+        plans = []
+        for rank in range(3):
+            sampler = StepSampler(tasks, {d.name: d.weight for d in config.data}, 3, rank, config.seed,
+                                  config.train.schedule_mode, step, SamplerState.initial(tasks), runtime,
+                                  shared=shared_query_tasks(config))
+            plans.append(next(iter(sampler)))
+        task = tasks[plans[0].task_index]
+        seen.add(task.name)
+        assert len({p.rows for p in plans}) == 1 and [p.slice_index for p in plans] == [0, 1, 2]
+        for i, row in enumerate(plans[0].rows):
+            if task.name == "scifact":
+                windows = [p.negatives.ranks[i][p.negatives.own_slice(9)] for p in plans]
+                assert sorted(r for w in windows for r in w) == list(range(10, 19))  # 9 distinct ranks
+                examples = [task.example(row, 0, 0, np.arange(3) + 3 * p.slice_index, p.slice_index) for p in plans]
+            else:
+                examples = [task.example(row, 0, 0, slice_index=p.slice_index) for p in plans]
+            assert len({e[1] for e in examples}) == 1  # one positive
+            negatives = [n for e in examples for n in e[2]]
+            assert len(set(negatives)) == len(negatives), (task.name, negatives)  # no negative twice
+    assert seen == {"scifact", "neg", "cls"}
+    runtime.close()

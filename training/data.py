@@ -175,20 +175,25 @@ class ClassificationTask:
         return len(self.texts)
 
     def draw(self, row: int, epoch: int, seed: int, slice_index: int = 0) -> tuple[int, list[int]]:
-        """(the positive's row, the negatives' rows) of a row. The ranks sharing the query (slice_index)
-        draw the same positive and negatives of their own."""
+        """(the positive's row, the negatives' rows) of a row. The negatives are distinct texts of other
+        labels, drawn in one order for every rank sharing the query: the r-th (slice_index) takes the r-th
+        group of num_negatives, so no two ranks share one (unless the other labels hold too few texts)."""
         rng = np.random.default_rng([seed, row, epoch])
         label = self.labels[row]
         same = self.rows_of_label[label]
         other = same[int(rng.integers(len(same) - 1))]
         other = other if other != row else same[-1]  # a uniform draw among the same label, minus row
-        own = rng if slice_index == 0 else np.random.default_rng([seed, row, epoch, slice_index])
-        negatives: list[int] = []
-        while len(negatives) < self.num_negatives:
-            i = int(own.integers(len(self.texts)))
-            if self.labels[i] != label:
-                negatives.append(i)
-        return int(other), negatives
+        m = self.num_negatives
+        wanted = (slice_index + 1) * m
+        available = len(self.texts) - len(same)
+        drawn: list[int] = []
+        while len(drawn) < min(wanted, available):  # rejection sampling: no list of the other labels' rows
+            i = int(rng.integers(len(self.texts)))
+            if self.labels[i] != label and i not in drawn:
+                drawn.append(i)
+        if not drawn:
+            return int(other), []
+        return int(other), [drawn[(slice_index * m + j) % len(drawn)] for j in range(m)]
 
     def example(self, row: int, epoch: int, seed: int, slice_index: int = 0) -> tuple[str, str, list[str]]:
         other, negatives = self.draw(row, epoch, seed, slice_index)
