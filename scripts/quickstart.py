@@ -7,7 +7,8 @@
   2. baseline   the base model on the dev split (nDCG@10, Recall@100, MRR@10); the corpus embeddings
                 come from the mining pass (the run's embedding cache, embedlib.embedding_cache)
   3. train      deepspeed training/main.py --config training/recipes/quickstart.yaml, with
-                python -m mining sidecar --run-dir RUN beside it, re-mining with every export
+                python -m mining sidecar --run-dir RUN beside it, re-mining with every export; the
+                trainer evaluates its final export on the dev split (RUN/eval.jsonl, for the report)
   4. evaluate   the trained model (the newest export) on the dev split, reusing the sidecar's corpus
                 embeddings of that export when it made them; print the table
   5. record     RUN/quickstart.json and the run's report with its plots (RUN/report/index.html, from
@@ -178,6 +179,9 @@ def train(args: argparse.Namespace, run_dir: Path, base_model: Path, pairs: Path
     overrides = [f"run_dir={run_dir}", f"model.path={base_model}", f"data.0.path={pairs}", f"data.0.corpus={corpus}",
                  f"model.max_length={args.max_length}", f"train.max_steps={args.max_steps}",
                  f"data.0.batch_size={args.batch_size}", f"optim.lr={args.lr}",
+                 # The trainer evaluates its final export too, so that the run's report shows the figures of
+                 # the export this script prints (eval.jsonl); its corpus encoding is shared with the sidecar's.
+                 f"evaluation.beir={args.data.resolve()}", f"evaluation.split={args.split}",
                  *(["train.progress=false"] if args.no_progress else []), *args.overrides]
     trainer = trainer_command(REPO, RECIPE, [*(["--resume"] if args.resume else []), *overrides], has_gpu)
     sidecar_cmd = sidecar_command(run_dir, has_gpu)

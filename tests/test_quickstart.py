@@ -21,7 +21,7 @@ SCRIPT = REPO / "scripts" / "quickstart.py"
 def small(steps: int = 4) -> list[str]:
     """The shrinking flags of every test run: a tiny model trains `steps` steps of 2 ranks x 4 queries."""
     return ["--max-steps", str(steps), "--batch-size", "4", "--max-length", "32", "--lr", "1e-3", "--no-progress",
-            "train.num_workers=0", "train.export_every=2", "train.save_every=2"]
+            "train.num_workers=0", "train.export_every=2", "train.save_every=2", "negatives.check_interval=2"]
 
 
 def make_small_beir(directory: Path, scifact: Path, train_pairs: int = 32, dev_queries: int = 16,
@@ -112,6 +112,14 @@ def test_runs_the_whole_loop_and_ends_with_the_export(finished_run):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[0]["negatives_version"] == {"scifact": 1}  # trained on the mined hard negatives
+    # The rule judged the samples trained once since their assignment (s0: the mining scores).
+    checks = [m for m in metrics if "negatives/scifact/eligible" in m]
+    assert [m["step"] for m in checks] == [2, 4] and checks[0]["negatives/scifact/eligible"] == 16
+    # The trainer evaluated the export the script prints, as the script did; the report shows both views.
+    (evaluation,) = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert evaluation["step"] == 4 and evaluation["eval/ndcg@10"] == pytest.approx(record["trained"]["ndcg@10"],
+                                                                                 abs=1e-6)
+    assert {"negatives.png", "eval_ndcg_10.png"} <= {p.name for p in (run_dir / "report").iterdir()}
 
 
 def test_the_sidecar_ran_beside_the_trainer_and_stopped_cleanly(finished_run):
