@@ -221,11 +221,13 @@ def test_a_loss_that_is_not_finite_stops_the_run(tmp_path, tiny_bert_dir):
 
 
 @pytest.mark.slow
-def test_dynamic_negatives_judge_samples_trained_once_and_resume_exactly(tmp_path, tiny_bert_dir, scifact_dir):
+@pytest.mark.parametrize("mode", ["gathered", "shared_queries"])
+def test_dynamic_negatives_judge_samples_trained_once_and_resume_exactly(tmp_path, tiny_bert_dir, scifact_dir, mode):
     """A seeded 2-rank run on a store whose even rows were mined at score 1.0 and odd rows at 0.5: the check
-    after step 2 judges the 16 samples trained once each (s0 from the store), moves the even ones (live
-    score below 1.0) and not the odd ones; a run stopped at step 3 and resumed gives the same losses, check
-    figures and final state as the straight run."""
+    after step 2 judges the samples trained once each (s0 from the store: 2 steps x 8 queries, or 2 x 4
+    when the two ranks share their queries), moves the even ones (live score below 1.0) and not the odd
+    ones; a run stopped at step 3 and resumed gives the same losses, check figures and final state as the
+    straight run."""
     from safetensors.numpy import load_file
 
     from embedlib.negstore import NegativeStore
@@ -242,7 +244,7 @@ def test_dynamic_negatives_judge_samples_trained_once_and_resume_exactly(tmp_pat
     overrides = [f"data.0.path={pairs_path}", f"data.0.corpus={corpus_path}", "data.0.limit=32",
                  "data.0.num_negatives=3", "data.0.neg_offset=2", "negatives.check_interval=2",
                  # The tiny random model's cosines are all near 0.97: stale below s0 at all, whatever |s|.
-                 "negatives.stale_ratio=1.0", "negatives.stale_abs_max=2.0"]
+                 "negatives.stale_ratio=1.0", "negatives.stale_abs_max=2.0", f"loss.cbb_negatives={mode}"]
     runs = {}
     for name in ("straight", "resumed"):
         run_dir = tmp_path / name
@@ -256,8 +258,12 @@ def test_dynamic_negatives_judge_samples_trained_once_and_resume_exactly(tmp_pat
 
     straight, resumed = read_metrics(runs["straight"]), read_metrics(runs["resumed"])
     first_check = straight[1]
-    assert first_check["step"] == 2 and first_check["negatives/scifact/eligible"] == 16  # 2 steps x 8, once each
-    assert 0 < first_check["negatives/scifact/stale"] < 16
+    trained_once = 16 if mode == "gathered" else 8
+    assert first_check["step"] == 2 and first_check["negatives/scifact/eligible"] == trained_once
+    assert 0 < first_check["negatives/scifact/stale"] < trained_once
+    width = 3 if mode == "gathered" else 2 * 3  # shared: a window of N x n, all of it replaced
+    assert first_check["negatives/scifact/replaced"] == width * first_check["negatives/scifact/stale"]
+    assert all(r["samples"] == (8 if mode == "gathered" else 4) for r in straight)
     assert first_check["negatives/scifact/mean_initial_score"] not in (None, 1.0, 0.5)  # a mix of both
     assert all("scores/scifact/negative" in r for r in straight)
     keys = [k for k in straight[1] if k.startswith(("negatives/", "scores/", "loss"))]
