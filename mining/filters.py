@@ -3,10 +3,15 @@
 Per query, in rank order, a candidate is dropped when it is
   - padding (id -1) or one of the query's excluded rows (its positives, and rows whose passage text
     equals the query or a positive),
-  - above positive_margin * the query's positive score (NV-Retriever's TopK-PercPos, Moreira et al.
-    2024: a candidate scoring close to or above a known positive is more likely an unlabelled positive
-    than a negative). With several positives the lowest positive score is used, so that every kept
-    negative is below the margin of every positive the trainer may pair it with,
+  - above the query's positive score less (1 - positive_margin) of its size: p - (1 - m) |p| (NV-Retriever's
+    TopK-PercPos, Moreira et al. 2024, m * p for the positive scores it is defined on: a candidate
+    scoring close to or above a known positive is more likely an unlabelled positive than a negative).
+    With several positives the lowest positive score is used, so that every kept negative is below the
+    margin of every positive the trainer may pair it with. Written with |p|, the threshold stays below the
+    positive when the mining model scores the positive at or below 0 (m * p would lie above it, keeping
+    candidates that outscore the positive and dropping the rest); such a query, one the mining model
+    fails on, keeps only candidates scoring below its positive, usually few, and the trainer tops its
+    window up with random passages (mining counts these queries: nonpositive_positive_queries),
   - above score_cap (an absolute ceiling, when set).
 The first k survivors are kept; rows with fewer are padded with (-1, NaN).
 """
@@ -33,13 +38,26 @@ class Filtered:
     survivors: np.ndarray  # int64 [Q]: candidates that passed, of all those given (may exceed k)
 
 
+def lowest_positive_scores(positive_scores: np.ndarray) -> np.ndarray:
+    """[Q] float64: each query's lowest positive score; +inf without one."""
+    scores = np.where(np.isfinite(positive_scores), positive_scores, np.inf).astype(np.float64)
+    return scores.min(axis=1) if scores.shape[1] else np.full(len(scores), np.inf)
+
+
 def positive_thresholds(positive_scores: np.ndarray, margin: float | None) -> np.ndarray:
-    """[Q] score above which a candidate is dropped: margin * lowest positive score; +inf without one."""
+    """[Q] score above which a candidate is dropped: p - (1 - margin) |p| for the lowest positive score p
+    (margin * p when p > 0); +inf without a positive score or a margin."""
     if margin is None:
         return np.full(len(positive_scores), np.inf, dtype=np.float64)
-    scores = np.where(np.isfinite(positive_scores), positive_scores, np.inf).astype(np.float64)
-    lowest = scores.min(axis=1) if scores.shape[1] else np.full(len(scores), np.inf)
-    return np.where(np.isfinite(lowest), margin * lowest, np.inf)
+    lowest = lowest_positive_scores(positive_scores)
+    finite = np.isfinite(lowest)
+    return np.where(finite, lowest - (1 - margin) * np.abs(np.where(finite, lowest, 0.0)), np.inf)
+
+
+def nonpositive_positive_queries(positive_scores: np.ndarray) -> int:
+    """Queries whose lowest positive score is at or below 0 (what the positive-aware filter says of them:
+    the module docstring)."""
+    return int((lowest_positive_scores(positive_scores) <= 0).sum())
 
 
 def filter_candidates(scores: np.ndarray, ids: np.ndarray, excluded_rows: np.ndarray,

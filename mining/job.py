@@ -40,7 +40,7 @@ from embedlib.negstore import CANDIDATES, NegativeStore, NegativeStoreError
 from embedlib.rundir import utc_now
 from embedlib.search import ApproximateIndex, ExactIndex, RowBlocks, exact_scores, gpu_count, merge_topk, recall_at_k
 from mining.distributed import LocalComm
-from mining.filters import FilterConfig, filter_candidates
+from mining.filters import FilterConfig, filter_candidates, nonpositive_positive_queries
 from mining.inputs import MiningInputs, load_inputs
 from mining.spec import REFRESHES_NAME, MiningError, MiningSpec, cache_root, mining_dir
 
@@ -410,6 +410,7 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": 0 if partial else len(all_blocks),
         "world_size": comm.world_size, "index": spec.index, "recall": recall, "short_queries": short_queries,
         "deepened_queries": deepened, "refresh": kind, "partials_since_full": since,
+        "nonpositive_positive_queries": nonpositive_positive_queries(positive_scores),
         "encoded_passages": int(stats[:, 3].sum()), "searched_passages": searchable,
         "padding_fraction": round(float(1 - tokens / padded), 4) if padded else 0.0,
         "passage_encode_seconds": round(float(stats[:, 6].max()), 3),

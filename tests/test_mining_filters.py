@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from embedlib.exports import ExportInfo
-from mining.filters import FilterConfig, filter_candidates, positive_thresholds
+from mining.filters import FilterConfig, filter_candidates, nonpositive_positive_queries, positive_thresholds
 from mining.sidecar import choose_export
 
 NONE = np.full((1, 1), -np.inf, dtype=np.float32)  # no positive score: no positive-aware threshold
@@ -38,6 +38,23 @@ def test_positive_aware_filter_uses_the_lowest_positive_score():
     np.testing.assert_allclose(positive_thresholds(positives, 0.95), [0.76])
     off = filter_candidates(scores, ids, np.array([[-1]]), positives, FilterConfig(k=5, positive_margin=None))
     assert off.ids.tolist() == [[10, 11, 12, 13, 14]]
+
+
+def test_positive_aware_filter_stays_below_a_positive_scored_at_or_below_zero():
+    """margin * p would lie above a negative p (0.95 * -0.2 = -0.19): candidates outscoring the positive kept,
+    the ordinary ones dropped. The threshold is p - (1 - margin) |p| instead, below the positive."""
+    scores, ids = _ranked([0.3, -0.1, -0.19, -0.205, -0.22, -0.5])
+    positives = np.array([[-0.2, 0.4]], dtype=np.float32)  # the lowest, -0.2, decides
+    out = filter_candidates(scores, ids, np.array([[-1]]), positives, FilterConfig(k=6, positive_margin=0.95))
+    np.testing.assert_allclose(positive_thresholds(positives, 0.95), [-0.21], rtol=1e-6)
+    assert out.ids.tolist() == [[14, 15, -1, -1, -1, -1]]  # only the candidates below -0.21
+    zero = np.array([[0.0]], dtype=np.float32)
+    assert positive_thresholds(zero, 0.95).tolist() == [0.0]
+    assert filter_candidates(scores, ids, np.array([[-1]]), zero, FilterConfig(k=6)).ids[0, :5].tolist() == \
+        [11, 12, 13, 14, 15]
+    np.testing.assert_allclose(positive_thresholds(np.array([[0.8]], np.float32), 0.95), [0.76], rtol=1e-6)  # as before
+    both = np.array([[-0.2, 0.4], [0.0, -np.inf], [0.5, -np.inf], [-np.inf, -np.inf]], dtype=np.float32)
+    assert nonpositive_positive_queries(both) == 2  # no positive at all is not counted
 
 
 def test_score_cap_drops_scores_above_it():
