@@ -193,8 +193,10 @@ def test_trainer_and_sidecar_as_one_loop(scifact_dir, tiny_bert_dir, tmp_path, p
     assert not _adoptions(_rank_logs(run))  # the checkpoint's version, not a fresh adoption
     final = _state(run, stopped_at + 2)
     assert (final["window"] >= saved["window"]).all() and (final["generation"] >= saved["generation"]).all()
-    # Samples with the same negatives as at the checkpoint keep the s0 it held.
+    # Samples with the same negatives as at the checkpoint keep the s0 it held. There may be none: with
+    # s0 the store's mining score and stale_ratio 1.0 nearly every judged sample is stale, so a checkpoint
+    # at a check step holds almost no s0 (which steps it lands on is the machine's timing); the exact
+    # resume of the whole state is proven by test_training_runs' seeded dynamic-negatives run.
     unchanged = (final["generation"] == saved["generation"]) & ~np.isnan(saved["initial_score"])
-    assert unchanged.any()
     np.testing.assert_array_equal(final["initial_score"][unchanged], saved["initial_score"][unchanged])
     assert [step for step, _ in list_checkpoints(run)][-1] == stopped_at + 2
