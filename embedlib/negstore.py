@@ -17,7 +17,7 @@ killed at any moment leaves only a temporary directory, which cleanup_tmp() remo
 Readers memory-map the .npy files (opening costs no RAM, a row is O(1)), check file sizes and shapes
 against the manifest on open and the sha256 checksums once per version per NegativeStore object, and
 fall back to the previous version, with a logged warning, when the newest one is damaged. Hashing
-a large version takes a while: the trainer (training/negatives_runtime.VersionFeed) opens each new
+a large version takes a while: the trainer (training/negatives/runtime.VersionFeed) opens each new
 version with open(version, verify=True) in a background thread, the starting one before step 1.
 
 Locks are fcntl.flock, so the run directory must be on a file system whose locks work across the
@@ -51,6 +51,7 @@ import numpy as np
 from embedlib.atomic import atomic_write_json, publish_dir
 from embedlib.progress import progress_task
 from embedlib.rundir import NEGATIVES, TMP_PREFIX, TRASH_PREFIX, discard_dir, utc_now
+from embedlib.run_records import StoreManifest
 
 logger = logging.getLogger(__name__)
 
@@ -290,9 +291,10 @@ class NegativeVersion:
         self._store = store
         self.version = version
         self.path = path
-        self.manifest = manifest
-        self.num_queries: int = manifest["num_queries"]
-        self.k: int = manifest["k"]
+        self.manifest = manifest  # the JSON object, as written
+        self.record = StoreManifest.from_json(manifest)  # the same, typed
+        self.num_queries: int = self.record.num_queries
+        self.k: int = self.record.k
         self._ids: np.memmap | None = arrays[CANDIDATES]
         self._scores: np.memmap | None = arrays[SCORES]
         self._unlock = weakref.finalize(self, _release_shared, path / MANIFEST)
@@ -372,19 +374,11 @@ class NegativeStore:
             raise ValueError(f"need num_queries >= 1 and k >= 1, got {num_queries} and {k}")
         if corpus_size is not None and corpus_size < 1:
             raise ValueError(f"corpus_size must be >= 1, got {corpus_size}")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "version": None,  # assigned at publication
-            "created_at": None,
-            "model_path": str(model_path),
-            "model_step": int(model_step),
-            "corpus_fingerprint": corpus_fingerprint,
-            "queries_fingerprint": queries_fingerprint,
-            "num_queries": int(num_queries),
-            "k": int(k),
-            "corpus_size": None if corpus_size is None else int(corpus_size),
-            "extra": dict(extra or {}),
-        }
+        manifest = StoreManifest(
+            format_version=FORMAT_VERSION, version=None, created_at=None,  # both assigned at publication
+            model_path=str(model_path), model_step=int(model_step), corpus_fingerprint=corpus_fingerprint,
+            queries_fingerprint=queries_fingerprint, num_queries=int(num_queries), k=int(k),
+            corpus_size=None if corpus_size is None else int(corpus_size), extra=dict(extra or {})).to_json()
         json.dumps(manifest)  # fail now, not after hours of mining, if extra is not JSON
         self.root.mkdir(parents=True, exist_ok=True)
         with self._locked():  # so cleanup_tmp never sees the directory before its lock exists

@@ -6,9 +6,11 @@ Every figure overlays all the runs given, one color per run, with a legend:
 
     training     loss (each step, and a moving mean), loss per task kind (when a run trains two),
                  learning rate, samples/s
-    negatives    at each dynamic-negatives check: the mean score of the negatives in use, stale
-                 samples, replaced negatives; each adoption of a negative-store version is a dotted
-                 vertical line on the step axis (of the runs with checks), labelled with the version
+    scores       each step, the mean score of the trained queries with their positives and with their
+                 own hard negatives (the paper's Fig. 2 view)
+    negatives    at each dynamic-negatives check: samples judged, stale samples, replaced negatives, and
+                 the quantiles of s / s0 with the stale threshold; in both, each adoption of a
+                 negative-store version is a dotted vertical line, labelled with the version
     mining       per mining pass: its seconds (encode + search) at the export step it mined with; per
                  store version: the export step it was mined with, the step at which it was
                  published and the step at which the trainer adopted it; the age in steps of the
@@ -86,7 +88,8 @@ class Plot:
 def build_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
     """Every plot some run has data for, in page order; lines without points, and axes and plots without
     lines, are left out."""
-    plots = [*training_plots(runs, labels), negatives_plot(runs, labels), mining_plot(runs, labels),
+    plots = [*training_plots(runs, labels), scores_plot(runs, labels), negatives_plot(runs, labels),
+             mining_plot(runs, labels),
              *evaluation_plots(runs, labels)]
     kept = []
     for plot in plots:
@@ -122,29 +125,71 @@ def training_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
     return plots
 
 
+def scores_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
+    """The paper's Fig. 2 view: how hard the negatives in use are, step by step."""
+    axis = Axis("score", [])
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        datasets = _scored_datasets(run)
+        for dataset in datasets:
+            for which, style in (("positive", "-"), ("negative", "--")):
+                x, y = _series(run.metrics, f"scores/{dataset}/{which}")
+                axis.lines.append(Line(f"{which}:{label}:{dataset}", f"{label} · {dataset} · {which}", x, y, i,
+                                       style))
+        if datasets:
+            axis.marks.extend(_marks(run, label, i))
+    if not axis.lines:
+        return None
+    return Plot("scores", "Dynamic negatives", "Scores of positives and hard negatives",
+                "The mean cosine of the queries trained at each step with their "
+                "positive (solid) and with their own hard negatives (dashed): negatives that stop being hard "
+                "drift down, away from the positive (the paper's Fig. 2). Dotted lines: a new negative-store "
+                "version adopted (its number on top).", [axis])
+
+
 def negatives_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
     axes = {name: Axis(ylabel, []) for name, ylabel in
-            (("mean_score", "mean negative score"), ("stale", "stale samples"), ("replaced", "replaced negatives"))}
+            (("eligible", "samples judged"), ("stale", "stale samples"), ("replaced", "replaced negatives"),
+             ("ratio", "s / s0"))}
     for i, (run, label) in enumerate(zip(runs, labels)):
         datasets = _checked_datasets(run)
         if not datasets:  # a run without checks has no lines here, so no marks either
             continue
         for j, dataset in enumerate(datasets):
-            for name, axis in axes.items():
+            style = DATASET_STYLES[j % len(DATASET_STYLES)]
+            for name in ("eligible", "stale", "replaced"):
                 x, y = _series(run.metrics, f"negatives/{dataset}/{name}")
-                axis.lines.append(Line(f"{name}:{label}:{dataset}", f"{label} · {dataset}", x, y, i,
-                                       DATASET_STYLES[j % len(DATASET_STYLES)]))
-        marks = [Line(f"adoption:{label}:{versions}", "", [step, step], [0, 1], i, ":")
-                 for step, versions in _adoption_marks(run)]
+                axes[name].lines.append(Line(f"{name}:{label}:{dataset}", f"{label} · {dataset}", x, y, i, style))
+            for q in ("q10", "q50", "q90"):
+                x, y = _series(run.metrics, f"negatives/{dataset}/ratio_{q}")
+                axes["ratio"].lines.append(Line(f"ratio_{q}:{label}:{dataset}",
+                                                f"{label} · {dataset}" if q == "q50" else "", x, y, i, style,
+                                                1.0 if q == "q50" else 0.35))
+            x, _ = _series(run.metrics, f"negatives/{dataset}/stale")
+            threshold = 1.0 / _stale_ratio(run)
+            axes["ratio"].lines.append(Line(f"stale_below:{label}:{dataset}", f"{label}: stale below {threshold:.3f}",
+                                            x, [threshold] * len(x), i, ":", 0.7))
+        marks = _marks(run, label, i)
         for axis in axes.values():
             axis.marks.extend(marks)
     if not any(axis.lines for axis in axes.values()):
         return None
     return Plot("negatives", "Dynamic negatives", "Dynamic negatives at each check",
-                "At each check of the dynamic-negatives rule (negatives.check_interval): the mean score of "
-                "the negatives in use, the samples whose negatives went stale and the negatives replaced. "
-                "Dotted lines: a new negative-store version adopted by the trainer (its number on top).",
-                list(axes.values()))
+                "At each check of the dynamic-negatives rule (negatives.check_interval): the samples it could "
+                "judge (trained since their negatives were assigned), those whose negatives went stale and the "
+                "negatives replaced; then s / s0, the live score of a sample's negatives over their score when "
+                "assigned (the store's mining score), its median and (faint) 10th and 90th percentiles, with "
+                "the line below which a sample is stale (1 / negatives.stale_ratio). Dotted vertical lines: a "
+                "new negative-store version adopted by the trainer (its number on top).", list(axes.values()))
+
+
+def _marks(run: RunLog, label: str, index: int) -> list[Line]:
+    return [Line(f"adoption:{label}:{versions}", "", [step, step], [0, 1], index, ":")
+            for step, versions in _adoption_marks(run)]
+
+
+def _stale_ratio(run: RunLog) -> float:
+    ratio = (run.config.get("negatives") or {}).get("stale_ratio") if isinstance(run.config, dict) else None
+    return float(ratio) if _number(ratio) and ratio > 0 else 1.15  # training/config.py's default
 
 
 def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
@@ -229,6 +274,17 @@ def _checked_datasets(run: RunLog) -> list[str]:
     for m in run.metrics:
         for key in m:
             match = re.fullmatch(r"negatives/(.+)/stale", key)
+            if match and match.group(1) not in found:
+                found.append(match.group(1))
+    return found
+
+
+def _scored_datasets(run: RunLog) -> list[str]:
+    """Data sets with scores/<data set>/positive in metrics.jsonl."""
+    found = []
+    for m in run.metrics:
+        for key in m:
+            match = re.fullmatch(r"scores/(.+)/positive", key)
             if match and match.group(1) not in found:
                 found.append(match.group(1))
     return found

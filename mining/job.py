@@ -40,6 +40,7 @@ from embedlib.negstore import CANDIDATES, NegativeStore, NegativeStoreError
 from embedlib.rundir import utc_now
 from embedlib.search import ApproximateIndex, ExactIndex, RowBlocks, exact_scores, gpu_count, merge_topk, recall_at_k
 from mining.distributed import LocalComm
+from embedlib.run_records import RefreshRecord
 from mining.filters import FilterConfig, filter_candidates, nonpositive_positive_queries
 from mining.inputs import MiningInputs, load_inputs
 from mining.spec import REFRESHES_NAME, MiningError, MiningSpec, cache_root, mining_dir
@@ -98,7 +99,7 @@ def _previous_version(run_dir, num_queries: int) -> _Previous | None:
         candidates = np.load(latest.path / CANDIDATES, mmap_mode="r", allow_pickle=False)
         if candidates.shape[0] != num_queries:
             return None
-        extra = latest.manifest.get("extra", {})
+        extra = latest.record.extra
         return _Previous(latest.version, np.array(candidates), int(extra.get("partials_since_full", 0)),
                          extra.get("full_model_fingerprint"))
 
@@ -140,10 +141,10 @@ def check_run_dir(run_dir: str | os.PathLike, inputs: MiningInputs) -> None:
     if latest is None:
         return
     with latest:
-        manifest = latest.manifest
+        manifest = latest.record
     for what, theirs, ours in (
-        ("corpus", manifest.get("corpus_fingerprint"), inputs.corpus_fingerprint),
-        ("training queries", manifest.get("queries_fingerprint"), inputs.queries_fingerprint),
+        ("corpus", manifest.corpus_fingerprint, inputs.corpus_fingerprint),
+        ("training queries", manifest.queries_fingerprint, inputs.queries_fingerprint),
     ):
         if theirs != ours:
             raise MiningError(
@@ -402,30 +403,30 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         corpus_size=num_rows, extra=extra)
     comm.barrier()
     tokens, padded = stats[:, 4].sum() + query_stats.tokens, stats[:, 5].sum() + query_stats.padded_tokens
-    record = {
-        "time": utc_now(), "mode": mode, "version": version,
-        "export_step": step, "model_path": str(model_dir.resolve()), "encode_seconds": round(float(stats[:, 0].max()), 3),
-        "search_seconds": round(float(stats[:, 1].max()), 3), "num_queries": num_queries, "k": spec.k,
-        "corpus_size": num_rows, "cache_hit": bool(not partial and stats[:, 2].sum() == len(all_blocks)),
-        "cache_blocks_hit": int(stats[:, 2].sum()), "cache_blocks": 0 if partial else len(all_blocks),
-        "world_size": comm.world_size, "index": spec.index, "recall": recall, "short_queries": short_queries,
-        "deepened_queries": deepened, "refresh": kind, "partials_since_full": since,
-        "nonpositive_positive_queries": nonpositive_positive_queries(positive_scores),
-        "encoded_passages": int(stats[:, 3].sum()), "searched_passages": searchable,
-        "padding_fraction": round(float(1 - tokens / padded), 4) if padded else 0.0,
-        "passage_encode_seconds": round(float(stats[:, 6].max()), 3),
-        "query_encoding": query_stats.as_dict(),
-        "partial_recall": None if partial_recall is None else round(partial_recall, 4),
-        "previous_recall": None if previous_recall is None else round(previous_recall, 4),
-    }
+    tokens_used = float(1 - tokens / padded) if padded else 0.0
     log.info("published negatives v%06d (%s): export step %d, %d queries x %d, %d passages encoded in %.1f s "
              "(cache %s, padding %.1f%%), search %.1f s%s%s", version, kind, step, num_queries, spec.k,
-             record["encoded_passages"], record["encode_seconds"], "hit" if record["cache_hit"] else "miss",
-             100 * record["padding_fraction"], record["search_seconds"],
-             f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
+             int(stats[:, 3].sum()), float(stats[:, 0].max()),
+             "hit" if not partial and stats[:, 2].sum() == len(all_blocks) else "miss", 100 * tokens_used,
+             float(stats[:, 1].max()), f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
              f", {short_queries} queries with fewer than k" if short_queries else "")
-    record["removed_versions"] = prune_versions(run_dir, keep_versions) if keep_versions else []
+    removed_versions = prune_versions(run_dir, keep_versions) if keep_versions else []
     in_use = (cache,) if stale is None else (cache, stale_cache)
-    record["removed_cache_entries"] = len(prune_cache(cache.root, gigabytes(spec.cache_max_gb), keep=in_use))
+    record = RefreshRecord(
+        time=utc_now(), mode=mode, version=version, export_step=step, model_path=str(model_dir.resolve()),
+        encode_seconds=round(float(stats[:, 0].max()), 3), search_seconds=round(float(stats[:, 1].max()), 3),
+        num_queries=num_queries, k=spec.k, corpus_size=num_rows,
+        cache_hit=bool(not partial and stats[:, 2].sum() == len(all_blocks)),
+        cache_blocks_hit=int(stats[:, 2].sum()), cache_blocks=0 if partial else len(all_blocks),
+        world_size=comm.world_size, index=spec.index, recall=recall, short_queries=short_queries,
+        deepened_queries=deepened, refresh=kind, partials_since_full=since,
+        nonpositive_positive_queries=nonpositive_positive_queries(positive_scores),
+        encoded_passages=int(stats[:, 3].sum()), searched_passages=searchable,
+        padding_fraction=round(tokens_used, 4), passage_encode_seconds=round(float(stats[:, 6].max()), 3),
+        query_encoding=query_stats.as_dict(),
+        partial_recall=None if partial_recall is None else round(partial_recall, 4),
+        previous_recall=None if previous_recall is None else round(previous_recall, 4),
+        removed_versions=removed_versions,
+        removed_cache_entries=len(prune_cache(cache.root, gigabytes(spec.cache_max_gb), keep=in_use))).to_json()
     _append_record(run_dir, record)
     return record

@@ -107,7 +107,7 @@ def last_mined_step(store: NegativeStore) -> int:
     if latest is None:
         return -1
     with latest:
-        return int(latest.manifest["model_step"])
+        return latest.record.model_step
 
 
 def choose_export(exports: list[ExportInfo], done: int, seen: set[int], every: int

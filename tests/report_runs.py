@@ -52,10 +52,17 @@ def version_at(step: int) -> int:
 def check_figures(step: int) -> dict:
     """What the trainer logs for data set `scifact` at a check; no observed sample (mean None) at step 12."""
     version = version_at(step)
-    return {"negatives/scifact/stale": step // 4, "negatives/scifact/replaced": 3 * (step // 4),
+    return {"negatives/scifact/eligible": 8, "negatives/scifact/stale": step // 4, "negatives/scifact/replaced": 3 * (step // 4),
             "negatives/scifact/mean_score": None if step == 12 else round(0.9 - 0.01 * step, 4),
-            "negatives/scifact/unobserved": 0, "negatives/scifact/version": version,
+            "negatives/scifact/ratio_q10": 0.5, "negatives/scifact/ratio_q50": round(1.0 - 0.01 * step, 4),
+            "negatives/scifact/ratio_q90": 1.2, "negatives/scifact/unobserved": 0, "negatives/scifact/version": version,
             "negatives/scifact/export_age_steps": step - VERSIONS[version][0], "negatives/sidecar_alive": True}
+
+
+def score_figures(step: int) -> dict:
+    """scores/scifact/positive and /negative, as the trainer logs them every step."""
+    return {"scores/scifact/positive": round(0.5 + 0.005 * step, 4),
+            "scores/scifact/negative": round(0.4 - 0.002 * step, 4)}
 
 
 def eval_record(step: int) -> dict:
@@ -68,7 +75,8 @@ def write_dynamic_run(run_dir: Path, steps: int = 48) -> Path:
     write_run(run_dir, steps)
     records = []
     for step in range(1, steps + 1):
-        record = {**metrics_record(step), "negatives_version": {"scifact": version_at(step)}}
+        record = {**metrics_record(step), "negatives_version": {"scifact": version_at(step)},
+                  **score_figures(step)}
         if step % CHECK_INTERVAL == 0:
             record.update(check_figures(step))
         records.append(record)

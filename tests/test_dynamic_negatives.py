@@ -114,14 +114,14 @@ def test_check_moves_stale_samples_to_the_next_window_and_forgets_their_scores()
     assert list(state.window) == [2, 1] and list(state.generation) == [1, 0]
     assert np.isnan(state.initial_score[0]) and np.isnan(state.score[0])
     assert (state.initial_score[1], state.score[1]) == (0.5, 0.5)
-    assert result.metrics() == {
-        "negatives/eligible": 2, "negatives/stale": 1, "negatives/replaced": 2,
-        "negatives/mean_score": pytest.approx(0.3), "negatives/mean_initial_score": pytest.approx(0.7),
-        "negatives/ratio_q10": pytest.approx(0.1 / 0.9 + 0.1 * (1 - 0.1 / 0.9)),
-        "negatives/ratio_q50": pytest.approx((0.1 / 0.9 + 1) / 2), "negatives/ratio_q90": pytest.approx(
-            0.1 / 0.9 + 0.9 * (1 - 0.1 / 0.9)), "negatives/unobserved": 0, "negatives/version": 3,
-        "negatives/export_age_steps": 60}
-    json.dumps(result.metrics())  # JSON-ready
+    assert result.record().flat("d") == {
+        "negatives/d/eligible": 2, "negatives/d/stale": 1, "negatives/d/replaced": 2,
+        "negatives/d/mean_score": pytest.approx(0.3), "negatives/d/mean_initial_score": pytest.approx(0.7),
+        "negatives/d/ratio_q10": pytest.approx(0.1 / 0.9 + 0.1 * (1 - 0.1 / 0.9)),
+        "negatives/d/ratio_q50": pytest.approx((0.1 / 0.9 + 1) / 2), "negatives/d/ratio_q90": pytest.approx(
+            0.1 / 0.9 + 0.9 * (1 - 0.1 / 0.9)), "negatives/d/unobserved": 0, "negatives/d/version": 3,
+        "negatives/d/export_age_steps": 60}
+    json.dumps(result.record().flat("d"))  # JSON-ready
     state.check(200)
     assert list(state.window) == [2, 1]  # nothing observed since: nothing moves
 

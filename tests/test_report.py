@@ -54,7 +54,7 @@ def overlay(runs, tmp_path_factory) -> Path:
 
 def test_every_figure_is_a_valid_png_and_nothing_else_is_written(overlay):
     found = figures(overlay)
-    assert set(found) == {"loss", "loss_retrieval", "loss_sts", "lr", "samples_per_s", "negatives", "mining",
+    assert set(found) == {"loss", "loss_retrieval", "loss_sts", "lr", "samples_per_s", "scores", "negatives", "mining",
                           "eval_ndcg_10", "eval_recall_100", "eval_mrr_10"}  # no eval/num_queries curve
     assert {p.name for p in overlay.iterdir()} == {f"{name}.png" for name in found} | {"index.html", "report.json"}
     for name, figure in found.items():
@@ -90,19 +90,31 @@ def test_training_figures_overlay_each_runs_steps(overlay, runs):
 
 def test_dynamic_negatives_view_marks_each_adoption(overlay):
     negatives = figures(overlay)["negatives"]
-    assert [axis["ylabel"] for axis in negatives["axes"]] == ["mean negative score", "stale samples",
-                                                             "replaced negatives"]
+    assert [axis["ylabel"] for axis in negatives["axes"]] == ["samples judged", "stale samples",
+                                                             "replaced negatives", "s / s0"]
     checks = list(range(CHECK_INTERVAL, 49, CHECK_INTERVAL))
-    score, stale, replaced = (lines(negatives, i) for i in range(3))
-    assert set(score) == {"mean_score:dyn:scifact"}  # the runs without checks draw nothing here
-    assert score["mean_score:dyn:scifact"]["x"] == [s for s in checks if s != 12]  # no observed sample at 12
-    assert score["mean_score:dyn:scifact"]["y"] == pytest.approx([0.9 - 0.01 * s for s in checks if s != 12])
+    eligible, stale, replaced, ratio = (lines(negatives, i) for i in range(4))
+    assert set(eligible) == {"eligible:dyn:scifact"}  # the runs without checks draw nothing here
+    assert eligible["eligible:dyn:scifact"]["x"] == checks and eligible["eligible:dyn:scifact"]["y"] == [8] * 12
     assert stale["stale:dyn:scifact"]["y"] == [s // 4 for s in checks]
     assert replaced["replaced:dyn:scifact"]["y"] == [3 * (s // 4) for s in checks]
+    assert set(ratio) == {"ratio_q10:dyn:scifact", "ratio_q50:dyn:scifact", "ratio_q90:dyn:scifact",
+                          "stale_below:dyn:scifact"}
+    assert ratio["ratio_q50:dyn:scifact"]["y"] == pytest.approx([1.0 - 0.01 * s for s in checks])
+    assert ratio["stale_below:dyn:scifact"]["y"] == pytest.approx([1 / 1.15] * 12)  # the default stale_ratio
     adoptions = {(mark["x"], mark["key"].rsplit(":", 1)[-1]) for mark in negatives["axes"][0]["marks"]}
     assert adoptions == {(float(adopted), f"v{v}") for v, (_, _, adopted) in VERSIONS.items()}
     assert all(mark["key"].startswith("adoption:dyn:") for mark in negatives["axes"][0]["marks"])  # not static's
     assert all(len(axis["marks"]) == len(VERSIONS) for axis in negatives["axes"])
+
+
+def test_scores_view_draws_positive_and_negative_scores_each_step(overlay):
+    scores = lines(figures(overlay)["scores"])
+    assert set(scores) == {"positive:dyn:scifact", "negative:dyn:scifact"}  # only the dynamic run logs them
+    assert scores["positive:dyn:scifact"]["x"] == list(range(1, 49))
+    assert scores["negative:dyn:scifact"]["y"] == pytest.approx([0.4 - 0.002 * s for s in range(1, 49)])
+    marks = figures(overlay)["scores"]["axes"][0]["marks"]
+    assert {mark["x"] for mark in marks} == {float(adopted) for _, _, adopted in VERSIONS.values()}
 
 
 def test_mining_timeline(overlay):

@@ -364,10 +364,10 @@ def test_the_rule_replaces_a_window_trained_once_with_s0_from_the_store(tmp_path
 
     plan, store_scores, batch, live = trained((0, 1), live=0.5)
     np.testing.assert_array_equal(store_scores, scores[:2, 1:3])  # ranks 1 and 2 (offset 1)
-    assert runtime.after_step(1, batch, live) == {"negatives_version": {task.name: 1}}  # no check yet
+    assert runtime.after_step(1, batch, live).figures() == {"negatives_version": {task.name: 1}}  # no check yet
     # Sample 0 fell (0.5 * 1.15 < 0.89), sample 1 trained again at its mining score: not stale.
     _, _, batch, _ = trained((1,), live=0.0)
-    figures = runtime.after_step(2, batch, np.full((1, 2), 0.88))
+    figures = runtime.after_step(2, batch, np.full((1, 2), 0.88)).figures()
     assert figures[f"negatives/{task.name}/eligible"] == 2 and figures[f"negatives/{task.name}/stale"] == 1
     assert figures[f"negatives/{task.name}/replaced"] == 2
     state = runtime.states[task.name]
@@ -381,7 +381,7 @@ def test_the_rule_replaces_a_window_trained_once_with_s0_from_the_store(tmp_path
     NegativeStore(run_dir).publish(candidates[:, ::-1].copy(), scores, model_step=3, **fingerprints)
     runtime.feed.poll_seconds = 0
     for step in range(4, 400):
-        if runtime.after_step(step, None, None)["negatives_version"][task.name] == 2:
+        if runtime.after_step(step, None, None).versions[task.name] == 2:
             break
     assert list(state.window) == [1, 1, 1, 1] and np.isnan(state.score).all()
     assert runtime.plan(task.name, (0,)).ranks == ((1, 2),)

@@ -365,7 +365,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
             figures = {"step": step, "loss": out.value, **{f"loss/{k}": v for k, v in out.per_task_kind.items()},
                        "lr": lr, "samples": samples, "samples_per_s": samples / (now - last),
                        "step_time_s": now - last, "tasks": list(batch.assignment), "time": time.time(),
-                       **score_figures(out), **negatives.after_step(step, trained, out.negative_scores)}
+                       **score_figures(out), **negatives.after_step(step, trained, out.negative_scores).figures()}
             if out.masked is not None:
                 figures["masked_false_negatives"] = out.masked
             if engine.module.future_weight is not None:  # bidirectional or softmask: alpha of this step

@@ -34,7 +34,7 @@ calls sync() too), and the trainer calls, on every rank at the same step:
 
     if dyn.due(step):
         dyn.sync()
-        result = dyn.check(step)            # result.metrics() -> metrics.jsonl
+        result = dyn.check(step)            # result.record() -> metrics.jsonl
 
 Batches are planned ahead of training (DataLoader prefetch), so a batch trained after a check may still
 hold the negatives that the check replaced. Every assignment change bumps the sample's `generation`; a
@@ -66,6 +66,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from embedlib.run_records import NegativesCheck
 from training.config import NegativesConfig
 from training.negatives.plan import StoreSpec
 
@@ -91,15 +92,14 @@ class CheckResult:
     version: int | None  # negative store version in use
     export_age_steps: int | None  # step minus the training step of the export that mined it
 
-    def metrics(self, prefix: str = "negatives/") -> dict[str, Any]:
-        """Flat, JSON-ready figures for metrics.jsonl."""
-        figures = {"eligible": self.eligible_samples, "stale": self.stale_samples,
-                   "replaced": self.replaced_negatives, "mean_score": self.mean_score,
-                   "mean_initial_score": self.mean_initial_score, "unobserved": self.unobserved_samples,
-                   "version": self.version, "export_age_steps": self.export_age_steps}
-        for q, value in zip(RATIO_QUANTILES, self.ratio_quantiles or (None,) * len(RATIO_QUANTILES)):
-            figures[f"ratio_q{round(q * 100):02d}"] = value
-        return {f"{prefix}{key}": value for key, value in figures.items()}
+    def record(self) -> NegativesCheck:
+        """What metrics.jsonl keeps of it (embedlib.run_records)."""
+        q10, q50, q90 = self.ratio_quantiles or (None,) * len(RATIO_QUANTILES)
+        return NegativesCheck(eligible=self.eligible_samples, stale=self.stale_samples,
+                              replaced=self.replaced_negatives, mean_score=self.mean_score,
+                              mean_initial_score=self.mean_initial_score, ratio_q10=q10, ratio_q50=q50,
+                              ratio_q90=q90, unobserved=self.unobserved_samples, version=self.version,
+                              export_age_steps=self.export_age_steps)
 
 
 class DynamicNegativeState:

@@ -5,7 +5,7 @@ The trainer talks to one NegativesRuntime, on every rank, at four moments:
     runtime = NegativesRuntime(run_dir, store_specs(tasks), config.negatives, lookahead=prefetch_steps(workers))
     runtime.start(start_step, checkpoint_dir)     # before the first plan: restore, pick the version
     ...                                           # the sampler asks runtime.plan(task, rows, r) per batch
-    figures = runtime.after_step(step, batch.store_negatives, out.negative_scores)   # every optimizer step
+    seen = runtime.after_step(step, batch.store_negatives, out.negative_scores)   # every optimizer step
     write_extra = runtime.before_checkpoint()     # at a checkpoint step, for save_checkpoint
     runtime.close()
 
@@ -22,7 +22,7 @@ corpus and num_negatives > 0):
   the first of the ranks sharing the queries, which scores each query against all N x n); every
   negatives.check_interval steps all ranks apply the rule (stale samples move to their next window); then,
   if rank 0's VersionFeed has verified a newer store version, all ranks adopt it at this step. Returns
-  the figures for metrics.jsonl.
+  what metrics.jsonl keeps of it (StepNegatives).
 - before_checkpoint: every rank's records are synced, and the state goes into the checkpoint.
 
 Rank 0 looks for new versions without ever waiting for one (checksums are verified in a background
@@ -47,11 +47,31 @@ import torch.distributed as dist
 
 from embedlib.exports import latest_export
 from embedlib.negstore import NegativeStore, NegativeStoreError, NegativeVersion
+from embedlib.run_records import NegativesCheck
 from training.config import ConfigError, NegativesConfig
 from training.negatives.plan import BatchNegatives, PlannedNegatives, StoreSpec
 from training.negatives.rule import STATE_FILENAME, DynamicNegativeState, load_states, save_states
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepNegatives:
+    """What a step did with the store negatives, identical on every rank (sidecar_alive: rank 0's view, at
+    checks)."""
+
+    versions: dict[str, int | None]  # data set -> the store version in use after the step
+    checks: dict[str, NegativesCheck]  # data set -> its check, at the steps one ran
+    sidecar_alive: bool | None = None
+
+    def figures(self) -> dict[str, Any]:
+        """The keys of a metrics.jsonl line (README, "Reading progress")."""
+        out: dict[str, Any] = {"negatives_version": dict(self.versions)}
+        for name, check in self.checks.items():
+            out.update(check.flat(name))
+        if self.sidecar_alive is not None:
+            out["negatives/sidecar_alive"] = self.sidecar_alive
+        return out
 
 
 class NegativesRuntime:
@@ -96,31 +116,27 @@ class NegativesRuntime:
                                 generations=tuple(int(state.generation[row]) for row in rows),
                                 slice_index=slice_index, sharing_ranks=state.spec.sharing_ranks)
 
-    def after_step(self, step: int, trained: BatchNegatives | None, live_scores) -> dict[str, Any]:
+    def after_step(self, step: int, trained: BatchNegatives | None, live_scores) -> StepNegatives:
         """Every rank, after optimizer step `step`: record the live scores of the store negatives this rank
         trained (`trained`, with live_scores [b, N x n] from the loss), apply the rule where due, adopt a new
-        store version if rank 0 has one ready. Returns the figures for metrics.jsonl."""
+        store version if rank 0 has one ready."""
         if not self.states:
-            return {"negatives_version": {}}
+            return StepNegatives({}, {})
         if trained is not None and trained.plan.slice_index == 0:  # one record per query, not one per slice
             self.states[trained.task].record(trained.rows, live_scores, step, trained.store_scores,
                                              generations=trained.plan.generations)
-        figures: dict[str, Any] = {}
-        checked = False
+        checks = {}
         for name, state in self.states.items():
             if state.due(step):
                 state.sync()
-                figures.update(state.check(step).metrics(prefix=f"negatives/{name}/"))
-                checked = True
-        if checked and self.rank == 0:
-            figures["negatives/sidecar_alive"] = not self.feed.sidecar_dead
+                checks[name] = state.check(step).record()
+        alive = (not self.feed.sidecar_dead) if checks and self.rank == 0 else None
         # After the check: a new version resets every sample, so the rule could not fire at this step.
         announcement = broadcast_from_rank0(self.feed.take() if self.rank == 0 else None)
         if announcement is not None:
             self._adopt(announcement, step, self.lookahead)
         self.feed.release(step)
-        figures["negatives_version"] = {name: state.version for name, state in self.states.items()}
-        return figures
+        return StepNegatives({name: state.version for name, state in self.states.items()}, checks, alive)
 
     def before_checkpoint(self) -> Callable[[Path], None] | None:
         """Every rank, at a checkpoint step: sync the records; returns what rank 0 adds to the checkpoint."""
@@ -283,15 +299,15 @@ class VersionFeed:
         except NegativeStoreError as error:
             logger.warning("skipping negatives v%06d, training goes on with the version in use: %s", version, error)
             return None
-        manifest = opened.manifest
-        mined_for = (manifest.get("queries_fingerprint"), manifest.get("corpus_fingerprint"))
+        manifest = opened.record
+        mined_for = (manifest.queries_fingerprint, manifest.corpus_fingerprint)
         tasks = tuple(name for name, fingerprints in self.fingerprints.items() if fingerprints == mined_for)
         if not tasks:
             opened.close()
             logger.warning("skipping negatives v%06d: mined for other queries or another corpus than the data "
                            "sets %s", version, sorted(self.fingerprints))
             return None
-        model_step = manifest.get("model_step")
+        model_step = manifest.model_step
         return Announcement(version, None if model_step is None else int(model_step), tasks), opened
 
     def _watch_sidecar(self, now: float) -> None:
