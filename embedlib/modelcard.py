@@ -216,7 +216,7 @@ def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
                    + f"; mean of the last {len(recent)} steps {sum(recent) / len(recent):.4f}")
         versions = last.get("negatives_version") or {}
         if versions:
-            mined = {r.get("version"): r.get("export_step") for r in run.refreshes}
+            mined = {r.version: r.export_step for r in run.refreshes if r.version is not None}
             out.append("* Hard negatives in use: " + ", ".join(
                 f"{name} version {v} (mined with the model of step {mined[v]})" if v in mined
                 else f"{name} {'version ' + str(v) if v is not None else 'in-batch and given negatives only'}"

@@ -199,16 +199,14 @@ def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
     versions = Axis("negative-store version", [])
     age = Axis("age of negatives in use (steps)", [])
     for i, (run, label) in enumerate(zip(runs, labels)):
-        passes = [r for r in run.refreshes
-                  if isinstance(r.get("export_step"), int) and isinstance(r.get("version"), int)]
+        passes = [r for r in run.refreshes if r.export_step is not None and r.version is not None]
         if not passes:
             continue
-        seconds.lines.append(Line(f"mining_seconds:{label}", label, [r["export_step"] for r in passes],
-                                  [float(r.get("encode_seconds") or 0) + float(r.get("search_seconds") or 0)
-                                   for r in passes], i, "o-"))
+        seconds.lines.append(Line(f"mining_seconds:{label}", label, [r.export_step for r in passes],
+                                  [r.seconds for r in passes], i, "o-"))
         versions.lines.append(Line(f"mined_from:{label}", f"{label}: mined with the export of step",
-                                   [r["export_step"] for r in passes], [r["version"] for r in passes], i, "o"))
-        published = [(step, r["version"]) for r in passes if (step := _step_at(run, r.get("time"))) is not None]
+                                   [r.export_step for r in passes], [r.version for r in passes], i, "o"))
+        published = [(step, r.version) for r in passes if (step := _step_at(run, r.time)) is not None]
         if published:
             versions.lines.append(Line(f"published:{label}", f"{label}: published", [s for s, _ in published],
                                        [v for _, v in published], i, "s", 0.6))
@@ -216,7 +214,7 @@ def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
         if adopted:
             versions.lines.append(Line(f"adopted:{label}", f"{label}: adopted", [s for s, _ in adopted],
                                        [v for _, v in adopted], i, "^"))
-        export_step_of = {r["version"]: r["export_step"] for r in passes}
+        export_step_of = {r.version: r.export_step for r in passes}
         for j, dataset in enumerate(_store_datasets(run)):
             points = [(m["step"], m["step"] - export_step_of[v]) for m in run.metrics
                       if (v := (m.get("negatives_version") or {}).get(dataset)) in export_step_of]

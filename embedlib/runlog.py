@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from embedlib.run_records import RefreshRecord
 from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, METRICS_JSONL, MINING, RUN_JSON
 
 REFRESHES_JSONL = f"{MINING}/refreshes.jsonl"
@@ -32,7 +33,7 @@ class RunLog:
     config: dict = field(default_factory=dict)  # config.yaml, the resolved configuration ({} before)
     metrics: list[dict] = field(default_factory=list)  # one per step, in step order, each step once
     evals: list[dict] = field(default_factory=list)  # eval.jsonl, in step order
-    refreshes: list[dict] = field(default_factory=list)  # one per mining pass, in file order
+    refreshes: list[RefreshRecord] = field(default_factory=list)  # one per mining pass, in file order
 
     @property
     def status(self) -> str:
@@ -64,7 +65,7 @@ def read_run(path: str | os.PathLike) -> RunLog:
     evals = {record["step"]: record for record in read_jsonl(path / EVAL_JSONL)}
     return RunLog(path=path, run=_read_json(path / RUN_JSON), config=read_config(path),
                   metrics=[metrics[s] for s in sorted(metrics)], evals=[evals[s] for s in sorted(evals)],
-                  refreshes=read_jsonl(path / REFRESHES_JSONL, key=None))
+                  refreshes=[RefreshRecord.from_json(r) for r in read_jsonl(path / REFRESHES_JSONL, key=None)])
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -216,9 +216,9 @@ def mining_passes(run_dir: Path) -> list[dict]:
     """What each mining pass of the run did (RUN/mining/refreshes.jsonl), in short."""
     keys = ("version", "mode", "refresh", "export_step", "encoded_passages", "encode_seconds", "padding_fraction",
             "search_seconds", "cache_hit")
-    from embedlib.runlog import REFRESHES_JSONL, read_jsonl
+    from embedlib.runlog import read_run
 
-    return [{key: record.get(key) for key in keys} for record in read_jsonl(run_dir / REFRESHES_JSONL, key=None)]
+    return [{key: getattr(record, key) for key in keys} for record in read_run(run_dir).refreshes]
 
 
 def cpu_seconds() -> float:
