@@ -89,8 +89,7 @@ def build_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
     """Every plot some run has data for, in page order; lines without points, and axes and plots without
     lines, are left out."""
     plots = [*training_plots(runs, labels), scores_plot(runs, labels), negatives_plot(runs, labels),
-             mining_plot(runs, labels),
-             *evaluation_plots(runs, labels)]
+             mining_plot(runs, labels), *evaluation_plots(runs, labels)]
     kept = []
     for plot in plots:
         if plot is None:
@@ -129,7 +128,7 @@ def scores_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
     """The paper's Fig. 2 view: how hard the negatives in use are, step by step."""
     axis = Axis("score", [])
     for i, (run, label) in enumerate(zip(runs, labels)):
-        datasets = _scored_datasets(run)
+        datasets = _datasets_with(run, "scores", "positive")
         for dataset in datasets:
             for which, style in (("positive", "-"), ("negative", "--")):
                 x, y = _series(run.metrics, f"scores/{dataset}/{which}")
@@ -151,7 +150,7 @@ def negatives_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
             (("eligible", "samples judged"), ("stale", "stale samples"), ("replaced", "replaced negatives"),
              ("ratio", "s / s0"))}
     for i, (run, label) in enumerate(zip(runs, labels)):
-        datasets = _checked_datasets(run)
+        datasets = _datasets_with(run, "negatives", "stale")
         if not datasets:  # a run without checks has no lines here, so no marks either
             continue
         for j, dataset in enumerate(datasets):
@@ -164,10 +163,9 @@ def negatives_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
                 axes["ratio"].lines.append(Line(f"ratio_{q}:{label}:{dataset}",
                                                 f"{label} · {dataset}" if q == "q50" else "", x, y, i, style,
                                                 1.0 if q == "q50" else 0.35))
-            x, _ = _series(run.metrics, f"negatives/{dataset}/stale")
-            threshold = 1.0 / _stale_ratio(run)
+            check_steps, threshold = axes["stale"].lines[-1].x, 1.0 / _stale_ratio(run)
             axes["ratio"].lines.append(Line(f"stale_below:{label}:{dataset}", f"{label}: stale below {threshold:.3f}",
-                                            x, [threshold] * len(x), i, ":", 0.7))
+                                            check_steps, [threshold] * len(check_steps), i, ":", 0.7))
         marks = _marks(run, label, i)
         for axis in axes.values():
             axis.marks.extend(marks)
@@ -188,7 +186,8 @@ def _marks(run: RunLog, label: str, index: int) -> list[Line]:
 
 
 def _stale_ratio(run: RunLog) -> float:
-    ratio = (run.config.get("negatives") or {}).get("stale_ratio") if isinstance(run.config, dict) else None
+    negatives = run.config.get("negatives")
+    ratio = negatives.get("stale_ratio") if isinstance(negatives, dict) else None
     return float(ratio) if _number(ratio) and ratio > 0 else 1.15  # training/config.py's default
 
 
@@ -266,23 +265,14 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _checked_datasets(run: RunLog) -> list[str]:
-    """Data sets with dynamic-negatives checks in metrics.jsonl (negatives/<data set>/stale)."""
+def _datasets_with(run: RunLog, prefix: str, figure: str) -> list[str]:
+    """Data sets with a key <prefix>/<data set>/<figure> in metrics.jsonl, in order of appearance: those
+    with dynamic-negatives checks ("negatives", "stale"), those with scores ("scores", "positive")."""
+    pattern = re.compile(rf"{re.escape(prefix)}/(.+)/{re.escape(figure)}")
     found = []
     for m in run.metrics:
         for key in m:
-            match = re.fullmatch(r"negatives/(.+)/stale", key)
-            if match and match.group(1) not in found:
-                found.append(match.group(1))
-    return found
-
-
-def _scored_datasets(run: RunLog) -> list[str]:
-    """Data sets with scores/<data set>/positive in metrics.jsonl."""
-    found = []
-    for m in run.metrics:
-        for key in m:
-            match = re.fullmatch(r"scores/(.+)/positive", key)
+            match = pattern.fullmatch(key)
             if match and match.group(1) not in found:
                 found.append(match.group(1))
     return found

@@ -65,7 +65,12 @@ def read_run(path: str | os.PathLike) -> RunLog:
     evals = {record["step"]: record for record in read_jsonl(path / EVAL_JSONL)}
     return RunLog(path=path, run=_read_json(path / RUN_JSON), config=read_config(path),
                   metrics=[metrics[s] for s in sorted(metrics)], evals=[evals[s] for s in sorted(evals)],
-                  refreshes=[RefreshRecord.from_json(r) for r in read_jsonl(path / REFRESHES_JSONL, key=None)])
+                  refreshes=read_refreshes(path))
+
+
+def read_refreshes(path: str | os.PathLike) -> list[RefreshRecord]:
+    """RUN/mining/refreshes.jsonl, one record per mining pass in file order ([] before the first)."""
+    return [RefreshRecord.from_json(r) for r in read_jsonl(Path(path) / REFRESHES_JSONL, key=None)]
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -403,26 +403,26 @@ def mine(spec: MiningSpec, model_dir: str | os.PathLike, run_dir: str | os.PathL
         corpus_size=num_rows, extra=extra)
     comm.barrier()
     tokens, padded = stats[:, 4].sum() + query_stats.tokens, stats[:, 5].sum() + query_stats.padded_tokens
-    tokens_used = float(1 - tokens / padded) if padded else 0.0
+    padding_fraction = float(1 - tokens / padded) if padded else 0.0
+    encode_seconds, search_seconds = float(stats[:, 0].max()), float(stats[:, 1].max())
+    encoded_passages, cache_hit = int(stats[:, 3].sum()), bool(not partial and stats[:, 2].sum() == len(all_blocks))
     log.info("published negatives v%06d (%s): export step %d, %d queries x %d, %d passages encoded in %.1f s "
              "(cache %s, padding %.1f%%), search %.1f s%s%s", version, kind, step, num_queries, spec.k,
-             int(stats[:, 3].sum()), float(stats[:, 0].max()),
-             "hit" if not partial and stats[:, 2].sum() == len(all_blocks) else "miss", 100 * tokens_used,
-             float(stats[:, 1].max()), f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
+             encoded_passages, encode_seconds, "hit" if cache_hit else "miss", 100 * padding_fraction,
+             search_seconds, f", partial recall {partial_recall:.3f}" if partial_recall is not None else "",
              f", {short_queries} queries with fewer than k" if short_queries else "")
     removed_versions = prune_versions(run_dir, keep_versions) if keep_versions else []
     in_use = (cache,) if stale is None else (cache, stale_cache)
     record = RefreshRecord(
         time=utc_now(), mode=mode, version=version, export_step=step, model_path=str(model_dir.resolve()),
-        encode_seconds=round(float(stats[:, 0].max()), 3), search_seconds=round(float(stats[:, 1].max()), 3),
-        num_queries=num_queries, k=spec.k, corpus_size=num_rows,
-        cache_hit=bool(not partial and stats[:, 2].sum() == len(all_blocks)),
+        encode_seconds=round(encode_seconds, 3), search_seconds=round(search_seconds, 3),
+        num_queries=num_queries, k=spec.k, corpus_size=num_rows, cache_hit=cache_hit,
         cache_blocks_hit=int(stats[:, 2].sum()), cache_blocks=0 if partial else len(all_blocks),
         world_size=comm.world_size, index=spec.index, recall=recall, short_queries=short_queries,
         deepened_queries=deepened, refresh=kind, partials_since_full=since,
         nonpositive_positive_queries=nonpositive_positive_queries(positive_scores),
-        encoded_passages=int(stats[:, 3].sum()), searched_passages=searchable,
-        padding_fraction=round(tokens_used, 4), passage_encode_seconds=round(float(stats[:, 6].max()), 3),
+        encoded_passages=encoded_passages, searched_passages=searchable,
+        padding_fraction=round(padding_fraction, 4), passage_encode_seconds=round(float(stats[:, 6].max()), 3),
         query_encoding=query_stats.as_dict(),
         partial_recall=None if partial_recall is None else round(partial_recall, 4),
         previous_recall=None if previous_recall is None else round(previous_recall, 4),

@@ -216,9 +216,9 @@ def mining_passes(run_dir: Path) -> list[dict]:
     """What each mining pass of the run did (RUN/mining/refreshes.jsonl), in short."""
     keys = ("version", "mode", "refresh", "export_step", "encoded_passages", "encode_seconds", "padding_fraction",
             "search_seconds", "cache_hit")
-    from embedlib.runlog import read_run
+    from embedlib.runlog import read_refreshes
 
-    return [{key: getattr(record, key) for key in keys} for record in read_run(run_dir).refreshes]
+    return [{key: getattr(record, key) for key in keys} for record in read_refreshes(run_dir)]
 
 
 def cpu_seconds() -> float:

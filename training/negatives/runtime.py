@@ -5,7 +5,7 @@ The trainer talks to one NegativesRuntime, on every rank, at four moments:
     runtime = NegativesRuntime(run_dir, store_specs(tasks), config.negatives, lookahead=prefetch_steps(workers))
     runtime.start(start_step, checkpoint_dir)     # before the first plan: restore, pick the version
     ...                                           # the sampler asks runtime.plan(task, rows, r) per batch
-    seen = runtime.after_step(step, batch.store_negatives, out.negative_scores)   # every optimizer step
+    figures = runtime.after_step(step, batch.store_negatives, out.negative_scores).figures()   # every step
     write_extra = runtime.before_checkpoint()     # at a checkpoint step, for save_checkpoint
     runtime.close()
 
@@ -307,8 +307,7 @@ class VersionFeed:
             logger.warning("skipping negatives v%06d: mined for other queries or another corpus than the data "
                            "sets %s", version, sorted(self.fingerprints))
             return None
-        model_step = manifest.model_step
-        return Announcement(version, None if model_step is None else int(model_step), tasks), opened
+        return Announcement(version, manifest.model_step, tasks), opened
 
     def _watch_sidecar(self, now: float) -> None:
         if self._worker is not None:  # a new version is being verified: the sidecar is alive
