@@ -1,12 +1,14 @@
 """Checks a parsed reply must pass before it becomes a record: language, exact duplicates, round trip."""
 from __future__ import annotations
 
-import io
+import logging
 import re
 import unicodedata
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -67,6 +69,7 @@ class RoundTripFilter:
     def __init__(self, encoder_path: str | Path, corpus, k: int, cache_dir: Path,
                  batch_size: int = 64, device: str | None = None, block_rows: int = 8192):
         from embedlib.atomic import atomic_write_bytes, atomic_write_json
+        from embedlib.embedding_cache import DamagedFile, checked_npy_bytes, load_checked_npy
         from embedlib.encoder import Encoder, model_fingerprint
 
         self.k = k
@@ -75,15 +78,17 @@ class RoundTripFilter:
         self.batch_size = batch_size
         fingerprint = f"{model_fingerprint(encoder_path)[:16]}-{corpus.fingerprint[:16]}"
         cache = Path(cache_dir) / f"roundtrip-corpus-{fingerprint}.npy"
+        self.corpus_emb = None
         if cache.exists():
-            self.corpus_emb = np.load(cache, allow_pickle=False)
-        else:
+            try:
+                self.corpus_emb = np.array(load_checked_npy(cache, fingerprint))
+            except (OSError, DamagedFile) as e:
+                log.warning("discarding damaged cache file %s (%s): encoding the corpus again", cache, e)
+        if self.corpus_emb is None:
             blocks = [self.encoder.encode(block, batch_size=batch_size, device=device, show_progress=False)
                       for block in corpus.iter_passages(block_rows)]
             self.corpus_emb = np.concatenate(blocks) if blocks else np.zeros((0, self.encoder.embedding_dim), np.float32)
-            buffer = io.BytesIO()
-            np.save(buffer, self.corpus_emb, allow_pickle=False)
-            atomic_write_bytes(cache, buffer.getvalue())
+            atomic_write_bytes(cache, checked_npy_bytes(self.corpus_emb, fingerprint))
             atomic_write_json(cache.with_suffix(".json"), {"encoder": str(encoder_path), "num_docs": corpus.num_docs})
 
     def passes(self, queries: list[str], source_rows: list[int]) -> list[bool]:

@@ -19,6 +19,12 @@ the same export) share the work: a block is encoded by whoever first takes its l
 it once it is saved (encode_blocks). Files are written atomically (embedlib.atomic): a killed job leaves a complete file
 or none (plus a temporary file that clean_temporary_files removes).
 
+Verified at every read: a block file is a .npy followed by a trailer, a blake2b digest of its rows
+(start, end) and its array bytes. A block whose bytes were overwritten (disk damage, another block's
+file copied over it, an empty or truncated file) fails the check, is removed with a warning that names
+it, and is encoded again, so a damaged cache costs time, never a different figure or negative. Hashing
+costs a small fraction of encoding (bench/bench_embedding_cache.py; docs/RESULTS.md).
+
 Bounded: `prune_cache` removes whole entries, least recently used first (each use touches its entry),
 until the cache holds at most a given number of bytes; the entries in use are never removed, and a
 reader that loses an entry to another process's pruning encodes its blocks again. `gc_cache` keeps
@@ -26,6 +32,7 @@ the entries of the newest few models instead (the sidecar's --keep-cache).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -47,6 +54,10 @@ DEFAULT_BLOCK_ROWS = 4096
 DEFAULT_MAX_GB = 20.0  # the default bound of a run's cache (mining spec, evaluation, trainer)
 _TMP_FILE = re.compile(r"^\..*\.tmp-(\d+)-[0-9a-f]{8}$")  # atomic_write_bytes' temporary names
 _BLOCK_FILE = re.compile(r"^rows_(\d{10})_(\d{10})\.npy$")
+# After a checked file's .npy bytes (which np.load reads as they are, ignoring what follows): this magic
+# and a 32-byte blake2b digest of what the file is (a block's rows) and its array bytes.
+TRAILER_MAGIC = b"EMBSUM01"
+TRAILER_BYTES = len(TRAILER_MAGIC) + 32
 
 
 def run_cache_dir(run_dir: str | os.PathLike) -> Path:
@@ -133,28 +144,24 @@ class EmbeddingCache:
         return None
 
     def load(self, start: int, end: int, dim: int) -> np.ndarray | None:
-        """The cached block as a read-only memory map, or None (absent, or damaged: then it is removed)."""
+        """The cached block as a read-only memory map, or None: absent, or damaged (then it is removed, with a
+        warning naming it, and the caller encodes it again)."""
         path = self.path(start, end)
         if not path.is_file():
             return None
         try:
-            block = np.load(path, mmap_mode="r", allow_pickle=False)
-            if block.dtype == np.float16 and block.shape == (end - start, dim):
-                return block
-            problem = f"{block.dtype} {list(block.shape)}, expected float16 [{end - start}, {dim}]"
-        except (OSError, ValueError) as e:
+            return load_checked_npy(path, f"rows {start}:{end}", np.float16, (end - start, dim))
+        except (OSError, DamagedFile) as e:
             if not path.exists():  # pruned by another process meanwhile: a miss, not damage
                 return None
-            problem = str(e)
-        log.warning("discarding damaged cache file %s: %s", path, problem)
+            log.warning("discarding damaged cache file %s (%s): encoding its rows again", path, e)
         path.unlink(missing_ok=True)
         return None
 
     def save(self, start: int, end: int, block: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(block, dtype=np.float16), allow_pickle=False)
-        atomic_write_bytes(self.path(start, end), buffer.getvalue())
+        atomic_write_bytes(self.path(start, end),
+                           checked_npy_bytes(block.astype(np.float16, copy=False), f"rows {start}:{end}"))
 
     def block_lock(self, start: int, end: int, *, wait: bool = True):
         """The lock a process holds while it encodes this block (embedlib.atomic.file_lock): whoever holds it
@@ -174,6 +181,46 @@ class EmbeddingCache:
                 os.utime(path, (now, now))
             except FileNotFoundError:  # pruned by another process this instant; the next save recreates it
                 pass
+
+
+class DamagedFile(ValueError):
+    """A checked array file that cannot be trusted; the message says why."""
+
+
+def checked_npy_bytes(array: np.ndarray, key: str) -> bytes:
+    """The .npy bytes of `array` followed by the trailer that binds them to `key` (what the file is: a
+    block's rows, a corpus fingerprint), so that a file copied to another key's name fails the check."""
+    array = np.ascontiguousarray(array)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    buffer.write(TRAILER_MAGIC + _digest(key, array))
+    return buffer.getvalue()
+
+
+def load_checked_npy(path: str | os.PathLike, key: str, dtype=None, shape: tuple | None = None) -> np.ndarray:
+    """The array of a file written from checked_npy_bytes(..., key), memory-mapped read-only, after its
+    dtype, shape and digest were checked. Raises DamagedFile (or OSError: it cannot be read)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as e:  # EOFError: an empty file
+        raise DamagedFile(str(e) or "empty file") from None
+    if (dtype is not None and array.dtype != dtype) or (shape is not None and array.shape != tuple(shape)):
+        expected = f"{np.dtype(dtype) if dtype is not None else array.dtype} {list(shape or array.shape)}"
+        raise DamagedFile(f"{array.dtype} {list(array.shape)}, expected {expected}")
+    with open(path, "rb") as f:
+        f.seek(array.offset + array.nbytes)
+        trailer = f.read(TRAILER_BYTES + 1)
+    if len(trailer) != TRAILER_BYTES or not trailer.startswith(TRAILER_MAGIC):
+        raise DamagedFile("no checksum trailer (truncated, or not written by this cache)")
+    if trailer[len(TRAILER_MAGIC):] != _digest(key, array):
+        raise DamagedFile("checksum mismatch: its values are not the ones written for it")
+    return array
+
+
+def _digest(key: str, array: np.ndarray) -> bytes:
+    digest = hashlib.blake2b(f"embedlib.checked.v1:{key}:".encode(), digest_size=32)
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.digest()
 
 
 @dataclass

@@ -274,3 +274,61 @@ def test_a_block_whose_encoder_died_is_encoded_by_the_one_waiting_for_it(beir, e
     assert consumer.wait(timeout=120) == 0
     assert json.loads((tmp_path / "c.json").read_text()) == {"encoded_rows": 150, "hits": 0}
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), _single_process_embeddings(beir, export, tmp_path))
+
+
+# ---- damaged blocks: re-encoded with a warning, never trusted ---------------------------------------------
+
+
+def _damage(entry_dir: Path, how: str) -> Path:
+    """Damage the first block file of an entry as disk faults and careless copies do; returns it."""
+    first, second = sorted(entry_dir.glob("rows_*.npy"))[:2]
+    if how == "overwritten":  # other float16 values in place: header and trailer intact
+        data = bytearray(first.read_bytes())
+        start = np.load(first, mmap_mode="r").offset
+        data[start:start + 256] = np.random.default_rng(0).bytes(256)
+        first.write_bytes(bytes(data))
+    elif how == "constant":  # a valid .npy of the right shape and dtype, written by someone else
+        np.save(first, np.full(np.load(first, mmap_mode="r").shape, 0.5, np.float16))
+    elif how == "swapped":  # another block's file, the same shape
+        shutil.copyfile(second, first)
+    elif how == "empty":
+        first.write_bytes(b"")
+    return first
+
+
+@pytest.mark.parametrize("how", ["overwritten", "constant", "swapped", "empty"])
+def test_a_damaged_block_is_encoded_again_by_evaluation_and_mining(beir, export, tmp_path, how, caplog):
+    run = tmp_path / "run"
+    _mine(beir, export, run)  # 64-row blocks: the evaluation reads the same entry
+    cold_negatives = np.load(run / "negatives" / "v000001" / "candidates.npy")
+    cold_figures = _evaluate(beir, export)["retrieval"]
+    (entry,) = cache_entries(run_cache_dir(run))
+
+    damaged = _damage(entry.path, how)
+    with caplog.at_level("WARNING"):
+        evaluated = _evaluate(beir, export, run_cache_dir(run))
+    assert evaluated["retrieval"] == cold_figures
+    assert evaluated["encoding"]["corpus_rows_encoded"] == 64  # the damaged block alone
+    assert any(str(damaged) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    _damage(entry.path, how)
+    record = _mine(beir, export, tmp_path / "run2", cache_dir=str(run_cache_dir(run)))
+    assert record["encoded_passages"] == 64
+    np.testing.assert_array_equal(np.load(tmp_path / "run2" / "negatives" / "v000001" / "candidates.npy"),
+                                  cold_negatives)
+
+
+def test_the_data_generators_round_trip_cache_is_checked_too(beir, export, tmp_path, caplog):
+    from data_gen.filters import RoundTripFilter
+
+    passages = [json.loads(line)["text"] for line in (beir / "corpus.jsonl").read_text().splitlines()][:40]
+    corpus = types.SimpleNamespace(fingerprint="f" * 64, num_docs=len(passages),
+                                   iter_passages=lambda rows: (passages[i:i + rows] for i in range(0, len(passages), rows)))
+    cold = RoundTripFilter(export, corpus, k=3, cache_dir=tmp_path).corpus_emb
+    (cached,) = tmp_path.glob("roundtrip-corpus-*.npy")
+    np.save(cached, np.zeros_like(cold))  # same shape and dtype, other values, no trailer
+    with caplog.at_level("WARNING"):
+        again = RoundTripFilter(export, corpus, k=3, cache_dir=tmp_path).corpus_emb
+    np.testing.assert_array_equal(again, cold)
+    assert any(str(cached) in r.getMessage() for r in caplog.records)
+    assert np.array_equal(RoundTripFilter(export, corpus, k=3, cache_dir=tmp_path).corpus_emb, cold)  # rewritten
