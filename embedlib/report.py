@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedlib.atomic import atomic_write_bytes, atomic_write_json
+from embedlib.run_records import integer, number
 from embedlib.runlog import RunLog, RunLogError, eval_figures, is_run_dir, read_run
 
 REPORT_JSON = "report.json"
@@ -188,7 +189,7 @@ def _marks(run: RunLog, label: str, index: int) -> list[Line]:
 def _stale_ratio(run: RunLog) -> float:
     negatives = run.config.get("negatives")
     ratio = negatives.get("stale_ratio") if isinstance(negatives, dict) else None
-    return float(ratio) if _number(ratio) and ratio > 0 else 1.15  # training/config.py's default
+    return number(ratio) if number(ratio) and ratio > 0 else 1.15  # training/config.py's default
 
 
 def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
@@ -327,13 +328,49 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "metric"
 
 
+def plottable(run: RunLog) -> tuple[RunLog, int]:
+    """The run with what cannot be plotted left out, and how many values that was: steps and numbers a float
+    does not hold (a 400-digit integer), NaN and infinities, negatives_version that is not a mapping of data
+    set to version."""
+    skipped = 0
+
+    def clean(record: dict) -> dict | None:
+        nonlocal skipped
+        if integer(record.get("step")) is None:
+            skipped += 1
+            return None
+        kept = {}
+        for key, value in record.items():
+            if key == "negatives_version":
+                versions = value if isinstance(value, dict) else {}
+                skipped += not isinstance(value, dict) and value is not None
+                value = {name: v for name, v in versions.items() if v is None or integer(v) is not None}
+                skipped += len(versions) - len(value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and number(value) is None:
+                skipped += 1
+                continue
+            kept[key] = value
+        return kept
+
+    metrics = [m for m in map(clean, run.metrics) if m is not None]
+    evals = [e for e in map(clean, run.evals) if e is not None]
+    return RunLog(run.path, run.run, run.config, metrics, evals, run.refreshes), skipped
+
+
 # ---- drawing ----------------------------------------------------------------------------------------
 
 
 def draw(plot: Plot):
-    """The plot as a matplotlib Figure (no pyplot: no global state, no display needed)."""
+    """The plot as a matplotlib Figure (no pyplot: no global state, no display needed). Every label is plain
+    text: a run or task named `$x$` is not parsed as math."""
+    import matplotlib
     from matplotlib.figure import Figure
 
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw(plot, Figure)
+
+
+def _draw(plot: Plot, Figure):
     figure = Figure(figsize=(8.0, 0.6 + 2.6 * len(plot.axes)), dpi=100, layout="constrained")
     axes = figure.subplots(len(plot.axes), 1, sharex=True, squeeze=False)[:, 0]
     for ax, spec in zip(axes, plot.axes):
@@ -404,7 +441,7 @@ def run_summary(run: RunLog, label: str) -> dict:
     }
 
 
-def render_page(summaries: list[dict], plots: list[Plot]) -> str:
+def render_page(summaries: list[dict], plots: list[Plot], skipped: int = 0) -> str:
     esc = html.escape
     rows = []
     for s in summaries:
@@ -426,6 +463,10 @@ def render_page(summaries: list[dict], plots: list[Plot]) -> str:
             "<table><tr><th>run</th><th>status</th><th>steps</th><th>last loss</th><th>negatives in use</th>"
             "<th>mining passes</th><th>latest evaluation</th><th>recipe and overrides</th></tr>",
             *rows, "</table>"]
+    if skipped:
+        body.append(f"<p>{skipped} logged value{'s' if skipped > 1 else ''} could not be plotted (not a finite "
+                    "number a float holds, or a negatives_version that is not a mapping) and "
+                    f"{'were' if skipped > 1 else 'was'} left out.</p>")
     for section in SECTIONS:
         members = [p for p in plots if p.section == section]
         if not members:
@@ -466,9 +507,10 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
     if output.exists() and not output.is_dir():
         raise ReportError(f"--output {output}: exists and is not a directory")
     try:
-        runs = [read_run(p) for p in paths]
+        runs, skipped = zip(*(plottable(read_run(p)) for p in paths))
     except RunLogError as e:
         raise ReportError(str(e)) from None
+    runs, skipped = list(runs), sum(skipped)
     labels = run_labels(paths)
     plots = build_plots(runs, labels)
 
@@ -483,9 +525,9 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
         figures.append({"name": plot.name, "file": f"{plot.name}.png", "section": plot.section, "title": plot.title,
                         **drawn_data(figure)})
     summaries = [run_summary(run, label) for run, label in zip(runs, labels)]
-    atomic_write_json(output / REPORT_JSON, {"runs": summaries, "figures": figures})
+    atomic_write_json(output / REPORT_JSON, {"runs": summaries, "figures": figures, "skipped_values": skipped})
     page = output / INDEX_HTML
-    atomic_write_bytes(page, render_page(summaries, plots).encode("utf-8"))
+    atomic_write_bytes(page, render_page(summaries, plots, skipped).encode("utf-8"))
     for name in previous - {f["file"] for f in figures}:  # figures the runs no longer have
         (output / name).unlink(missing_ok=True)
     return page

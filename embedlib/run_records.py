@@ -30,9 +30,13 @@ def number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+MAX_EXACT_INT = 2 ** 53  # beyond it an int is no step, count or version of ours (and no float holds it)
+
+
 def integer(value) -> int | None:
-    """An int (not a bool), or None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An int (not a bool) a float holds exactly, or None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_EXACT_INT
+    return value if ok else None
 
 
 def _text(value) -> str | None:

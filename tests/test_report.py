@@ -224,3 +224,45 @@ def test_runs_with_the_same_directory_name_get_distinct_labels(tmp_path):
     b = write_run(tmp_path / "b" / "run", 4)
     write_report([a, b], tmp_path / "out")
     assert set(lines(figures(tmp_path / "out")["loss"])) == {"loss:a/run", "loss:b/run"}
+
+
+def _odd_run(tmp_path, name: str, odd: dict, step_value=None) -> Path:
+    """A 6-step run whose step 3 carries `odd` values (and whose step 4 has `step_value` as its step)."""
+    run = write_run(tmp_path / name, 6, kinds=("retrieval", "sts"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[2].update(odd)
+    if step_value is not None:
+        records[3]["step"] = step_value
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "eval.jsonl").write_text(json.dumps({"step": 6, "eval/ndcg@10": int("9" * 400)}) + "\n"
+                                    + json.dumps({"step": 3, "eval/ndcg@10": 0.5}) + "\n")
+    return run
+
+
+@pytest.mark.parametrize("case", ["overflow", "version_string", "version_list", "version_not_integer", "math_text"])
+def test_any_readable_log_gives_a_page(tmp_path, case):
+    huge = int("9" * 400)
+    odd, step_value, name = {}, None, "run"
+    if case == "overflow":
+        odd, step_value = {"loss": huge, "lr": huge, "time": huge}, huge
+    elif case == "version_string":
+        odd = {"negatives_version": "v3"}
+    elif case == "version_list":
+        odd = {"negatives_version": [1, 2]}
+    elif case == "version_not_integer":
+        odd = {"negatives_version": {"retrieval": "three", "sts": 2.5, "other": huge}}
+    elif case == "math_text":
+        name = r"$\notacommand{x}$"
+        odd = {r"loss/$\notacommand{y}$": 1.0}
+    run = _odd_run(tmp_path, name, odd, step_value)
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "embedlib.report", str(run), "--output", str(out)],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "index.html").is_file() and report["figures"]
+    assert report["skipped_values"] >= (0 if case == "math_text" else 2)  # the huge ndcg, and step 3's values
+    if case == "math_text":
+        assert any(line["label"].startswith("$\\notacommand")
+                   for f in report["figures"] for axis in f["axes"] for line in axis["lines"])
