@@ -19,6 +19,7 @@ under its own name (`prompt_name="scifact"`).
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -129,7 +130,7 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     latest_eval = evals[-1] if evals else None
     base = str((run.config.get("model") or {}).get("path", "unknown"))
     hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
-    name = f"{run.path.resolve().name}, step {step}"
+    name = f"{run.path.resolve().name}, step {step}"  # raw in the YAML metadata; _text() where Markdown
     evaluation = run.config.get("evaluation") or {}
     eval_data = Path(evaluation.get("beir") or "dev").name
     # The metadata the Hugging Face hub reads (model-index: the figures shown beside the model).
@@ -145,10 +146,10 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
             "metrics": [{"type": key.replace("@", "_at_"), "value": value, "name": key}
                         for key, value in eval_figures(latest_eval)]}]}]
 
-    base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base}`"
-    names = f"{_and_list([d.name for d in datasets])} data set{'s' if len(datasets) > 1 else ''}"
+    base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else _code(base)
+    names = f"{_and_list([_text(d.name) for d in datasets])} data set{'s' if len(datasets) > 1 else ''}"
     out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", "",
-           f"# {name}", "",
+           f"# {_text(name)}", "",
            f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base_text} on the {names} "
            f"with the recipe of [Conan-embedding](https://arxiv.org/abs/2408.15710) (hard negatives mined with "
            f"the model being trained, the cross-GPU batch balance loss). It maps texts to a "
@@ -161,10 +162,10 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
            f"- **Pooling:** {model['pooling']}{', projection to ' + str(model['dimension']) if model['dense'] else ''}"
            f"{', normalised' if model['normalize'] else ''}",
            f"- **Training Dataset{'s' if len(datasets) > 1 else ''}:**",
-           *[f"    - {d.name} ({d.kind}, {d.size:,} {'pairs' if d.kind != 'classification' else 'texts'})"
+           *[f"    - {_text(d.name)} ({_text(d.kind)}, {d.size:,} {'pairs' if d.kind != 'classification' else 'texts'})"
              for d in datasets]]
     if model["prompts"]:
-        out.append("- **Prompts:** " + ", ".join(f"`{k}`: {json.dumps(v, ensure_ascii=False)}"
+        out.append("- **Prompts:** " + ", ".join(f"{_code(k)}: {_text(json.dumps(v, ensure_ascii=False))}"
                                                  for k, v in model["prompts"].items()))
     out += ["", "### Full Model Architecture", "", "```", "SentenceTransformer(",
             *[f"  ({i}): {module}" for i, module in enumerate(model["modules"])], ")", "```", ""]
@@ -172,25 +173,25 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     if latest_eval:
         note = "" if latest_eval["step"] == step else " (an earlier export of this run; this export was not evaluated)"
         out += ["", "## Evaluation", "", "### Metrics", "",
-                f"#### Retrieval: {eval_data}, split {evaluation.get('split', 'dev')}", "",
+                f"#### Retrieval: {_text(eval_data)}, split {_text(evaluation.get('split', 'dev'))}", "",
                 f"* Evaluated during training with `embedlib.evaluation` (exact search over the whole corpus) "
                 f"at step {latest_eval['step']}{note}", "", "| Metric | Value |", "|:--|--:|",
-                *[f"| {key} | {value:.4f} |" for key, value in eval_figures(latest_eval)]]
+                *[f"| {_text(key)} | {value:.4f} |" for key, value in eval_figures(latest_eval)]]
     out += ["", "## Training Details", "", f"### Training Dataset{'s' if len(datasets) > 1 else ''}", ""]
     for d in datasets:
-        out += [f"#### {d.name}", "", f"* Kind: {d.kind}", f"* Path: `{d.path}`"]
+        out += [f"#### {_text(d.name)}", "", f"* Kind: {_text(d.kind)}", f"* Path: {_code(d.path)}"]
         if d.corpus:
-            out.append(f"* Corpus: `{d.corpus}`")
+            out.append(f"* Corpus: {_code(d.corpus)}")
         out.append(f"* Size: {d.size:,} training samples")
         used = [(i, n) for i, n in d.instructions.items() if i]
         if used:
-            out.append("* Instruction: " + "; ".join(f"{json.dumps(i, ensure_ascii=False)} ({n:,} samples)"
+            out.append("* Instruction: " + "; ".join(f"{_text(json.dumps(i, ensure_ascii=False))} ({n:,} samples)"
                                                      for i, n in used))
-        out += [f"* {', '.join(f'{k}: {v}' for k, v in d.settings.items())}", ""]
+        out += [f"* {_text(', '.join(f'{k}: {v}' for k, v in d.settings.items()))}", ""]
     out += _procedure(run, metrics, step)
     out += _training_logs(metrics, evals)
     versions = {**(run.run.get("versions") or {}), **model["versions"]}
-    out += ["", "### Framework Versions", *[f"- {k}: {v}" for k, v in sorted(versions.items()) if v], "",
+    out += ["", "### Framework Versions", *[_text(f"- {k}: {v}") for k, v in sorted(versions.items()) if v], "",
             "## Citation", "", "### BibTeX", "", "#### Conan-embedding", "```bibtex", CITATION, "```", ""]
     return "\n".join(out)
 
@@ -200,9 +201,9 @@ def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
     config = run.config
     ds = run.run.get("ds_config") or {}
     zero = (ds.get("zero_optimization") or {}).get("stage")
-    out = ["### Training Procedure", "", f"* Recipe: `{recipe}`" if recipe else "* Recipe: unknown"]
+    out = ["### Training Procedure", "", f"* Recipe: {_code(recipe)}" if recipe else "* Recipe: unknown"]
     if overrides:
-        out += ["* Overrides:", *[f"    - `{o}`" for o in overrides]]
+        out += ["* Overrides:", *[f"    - {_code(o)}" for o in overrides]]
     max_steps = run.max_steps
     out.append(f"* Steps: {step:,}" + (f" of {max_steps:,}" if max_steps else "")
                + f", {sum(m.get('samples', 0) for m in metrics):,} samples"
@@ -217,16 +218,16 @@ def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
         versions = last.get("negatives_version") or {}
         if versions:
             mined = {r.version: r.export_step for r in run.refreshes if r.version is not None}
-            out.append("* Hard negatives in use: " + ", ".join(
+            out.append("* Hard negatives in use: " + _text(", ".join(
                 f"{name} version {v} (mined with the model of step {mined[v]})" if v in mined
                 else f"{name} {'version ' + str(v) if v is not None else 'in-batch and given negatives only'}"
-                for name, v in versions.items()))
+                for name, v in versions.items())))
     loss = config.get("loss") or {}
     if loss:
         out.append("* Loss: CBB (InfoNCE over the negatives of all retrieval ranks, CoSENT for STS): "
-                   + ", ".join(f"{k}={v}" for k, v in loss.items()))
+                   + _text(", ".join(f"{k}={v}" for k, v in loss.items())))
     out += ["", "### Training Hyperparameters", "", "<details><summary>Click to expand</summary>", ""]
-    out += [f"- `{k}`: {v}" for k, v in _flatten({k: v for k, v in config.items() if k not in ("data", "run_dir")})]
+    out += [f"- {_code(k)}: {_text(v)}" for k, v in _flatten({k: v for k, v in config.items() if k not in ("data", "run_dir")})]
     out += ["", "</details>"]
     return out
 
@@ -240,7 +241,7 @@ def _training_logs(metrics: list[dict], evals: list[dict]) -> list[str]:
                    | {metrics[-1]["step"]})
     by_step = {e["step"]: dict(eval_figures(e)) for e in evals}
     names = list(dict.fromkeys(k for e in evals for k, _ in eval_figures(e)))
-    header = ["Step", "Training Loss", *names]
+    header = ["Step", "Training Loss", *map(_text, names)]
     rows = ["", "### Training Logs", "", "| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
     for s in shown:
         loss = f"{loss_at[s]:.4f}" if s in loss_at else "-"
@@ -328,6 +329,20 @@ def _model_facts(export_dir: Path) -> dict:
         "versions": {{"pytorch": "torch"}.get(k, k.replace("_", "-")): v
                      for k, v in (st.get("__version__") or {}).items()},
     }
+
+
+def _text(value) -> str:
+    """User input (run, task, data set names, settings) as Markdown text: its HTML escaped, so that a
+    renderer that does not sanitise shows a `<script>` in a task name instead of running it."""
+    return html.escape(str(value), quote=False)
+
+
+def _code(value) -> str:
+    """User input as a Markdown code span (whose HTML is literal), fenced by more backticks than it holds."""
+    text = str(value).replace("\n", " ")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _and_list(names: list[str]) -> str:

@@ -245,3 +245,20 @@ def test_the_trainers_exports_carry_their_card_and_prompt(tmp_path, tiny_bert_di
     trained = Encoder.from_pretrained(directory).encode([INSTRUCTION + q for q in QUERIES], show_progress=False)
     st = SentenceTransformer(str(directory), device="cpu")
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), trained, atol=1e-5)
+
+
+def test_html_in_names_is_escaped_in_the_card(tmp_path, tiny_bert_dir):
+    run = card_run(tmp_path, tiny_bert_dir)
+    payload = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"][0]["name"] = f"sci{payload}"
+    config["data"][1]["path"] = str(tmp_path / "sts`<img src=x onerror=alert(1)>`.tsv")  # closes its code span
+    config["optim"] = {"note": payload}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    Path(config["data"][1]["path"]).write_text((tmp_path / "sts.tsv").read_text())
+    directory = export(Encoder.from_pretrained(tiny_bert_dir, max_length=32), run, 4)
+    card = (directory / "README.md").read_text()
+    body = card.split("\n---\n", 1)[1]  # the YAML metadata holds the name as data, not HTML
+    outside_code = re.sub(r"(`+)(?:(?!\1).)*?\1", "", body)  # HTML in a code span is shown, not run
+    assert "<script" not in outside_code and "<img" not in outside_code
+    assert "sci&lt;img src=x" in body
