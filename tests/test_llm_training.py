@@ -141,3 +141,12 @@ def test_a_weights_file_cut_short_is_one_error_line(tmp_path, qwen2_dir, scifact
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert str(weights) in errors[0] and "bytes before this tensor's end" in errors[0], errors
+
+
+def test_lora_targets_are_checked_against_the_backbone_before_it_loads(tmp_path, qwen2_dir):
+    config = load_config(RECIPE, [f"run_dir={tmp_path}", f"model.path={qwen2_dir}"])
+    assert check_model(config) == qwen2_dir  # the recipe's targets are all Qwen2 linear layers
+    config = load_config(RECIPE, [f"run_dir={tmp_path}", f"model.path={qwen2_dir}",
+                                  "model.lora.target_modules=[q_proj, gate_prj]"])
+    with pytest.raises(ConfigError, match="'gate_prj' names no linear layer"):
+        check_model(config)

@@ -226,3 +226,30 @@ def test_run_dir_that_is_a_file_is_an_error(tmp_path, tiny_bert_dir, capsys, no_
     run.write_text("not a directory")
     line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}"])
     assert "'run_dir' must be a directory" in line
+
+
+def test_an_unknown_lora_target_stops_before_anything_is_written(tmp_path, tiny_bert_dir, capsys, no_model_loading):
+    run = tmp_path / "run"
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}",
+                                    "model.lora={target_modules: [query, valu]}"])
+    assert line.startswith("error: model.lora.target_modules: 'valu' names no linear layer of "), line
+    assert "value" in line  # the names it does have
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("case", ["below_a_file", "a_file", "not_writable"])
+def test_an_unusable_data_cache_stops_before_anything_is_written(tmp_path, tiny_bert_dir, capsys, no_model_loading,
+                                                                 case):
+    import os
+
+    run, blocker = tmp_path / "run", tmp_path / "blocker"
+    blocker.write_text("a file")
+    where = {"below_a_file": blocker / "cache", "a_file": blocker, "not_writable": tmp_path / "ro" / "cache"}[case]
+    if case == "not_writable":
+        if os.geteuid() == 0:
+            pytest.skip("root may write any directory")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    line = _one_line_error(capsys, ["--config", str(QUICKSTART), f"run_dir={run}", f"model.path={tiny_bert_dir}",
+                                    f"train.data_cache={where}"])
+    assert line.startswith(f"error: train.data_cache '{where}'") or "train.data_cache" in line, line
+    assert not run.exists()

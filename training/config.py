@@ -536,7 +536,48 @@ def check_model(config: Config) -> Path:
     if m.attention != "causal" and not is_decoder_model(resolved, m.trust_remote_code):
         raise ConfigError(f"model.attention {m.attention!r}: {resolved} is not a decoder-only model (an encoder "
                           "attends both ways already)")
+    if m.lora is not None:
+        check_lora_targets(m, resolved)
     return resolved
+
+
+def check_lora_targets(m: ModelConfig, resolved: Path) -> None:
+    """Each of model.lora.target_modules must name a linear layer of the backbone, matched as peft matches
+    a name (the module's name or its last dotted parts). peft itself refuses only a list none of which
+    matches; here one typo is enough. The backbone is built on the meta device from its config: no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from embedlib.encoder import backbone_dir
+
+    try:
+        hf_config = AutoConfig.from_pretrained(backbone_dir(resolved), trust_remote_code=m.trust_remote_code)
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(hf_config, trust_remote_code=m.trust_remote_code)
+    except Exception:  # an unusual model: peft checks the targets once it is loaded
+        return
+    linear = [name for name, module in backbone.named_modules() if isinstance(module, torch.nn.Linear)]
+    for target in m.lora.target_modules:
+        if not any(name == target or name.endswith("." + target) for name in linear):
+            examples = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            raise ConfigError(f"model.lora.target_modules: {target!r} names no linear layer of {resolved} "
+                              f"(its linear layers end in {', '.join(examples[:12])})")
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """A directory the run will write: it exists and is writable, or can be created (no part of it is a
+    file, and its nearest existing parent is writable)."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is below a file, {existing}"
+        raise ConfigError(f"{key} {str(path)!r} {where}")
+    import os
+
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {str(path)!r}: {existing} is not writable by this user")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ from embedlib.logs import route_logs
 from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, utc_now
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (Config, ConfigError, ModelConfig, build_ds_config, check_evaluation_data, check_model,
-                             load_config, to_dict)
+                             check_writable_dir, load_config, to_dict)
 from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
                            prefetch_steps, samples_in_step, shared_query_tasks, store_specs)
 from training.grad_cache import backward_step
@@ -167,6 +167,9 @@ def rank_env_from_slurm(env) -> None:
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, list[Task]]:
     """Everything checked before any process group exists: cheap to fail, one clear line."""
     config = load_config(args.config, args.overrides)
+    check_writable_dir(config.run_dir, "run_dir")
+    if config.train.data_cache not in (None, "auto"):
+        check_writable_dir(config.train.data_cache, "train.data_cache")
     model_path = check_model(config)
     check_evaluation_data(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
