@@ -204,9 +204,10 @@ def load_checked_npy(path: str | os.PathLike, key: str, dtype=None, shape: tuple
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError) as e:  # EOFError: an empty file
         raise DamagedFile(str(e) or "empty file") from None
-    if (dtype is not None and array.dtype != dtype) or (shape is not None and array.shape != tuple(shape)):
-        expected = f"{np.dtype(dtype) if dtype is not None else array.dtype} {list(shape or array.shape)}"
-        raise DamagedFile(f"{array.dtype} {list(array.shape)}, expected {expected}")
+    if dtype is not None and array.dtype != dtype:
+        raise DamagedFile(f"dtype {array.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and array.shape != tuple(shape):
+        raise DamagedFile(f"shape {list(array.shape)}, expected {list(shape)}")
     with open(path, "rb") as f:
         f.seek(array.offset + array.nbytes)
         trailer = f.read(TRAILER_BYTES + 1)

@@ -189,7 +189,8 @@ def _marks(run: RunLog, label: str, index: int) -> list[Line]:
 def _stale_ratio(run: RunLog) -> float:
     negatives = run.config.get("negatives")
     ratio = negatives.get("stale_ratio") if isinstance(negatives, dict) else None
-    return number(ratio) if number(ratio) and ratio > 0 else 1.15  # training/config.py's default
+    ratio = number(ratio)
+    return ratio if ratio and ratio > 0 else 1.15  # training/config.py's default
 
 
 def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
@@ -341,11 +342,12 @@ def plottable(run: RunLog) -> tuple[RunLog, int]:
             return None
         kept = {}
         for key, value in record.items():
+            if key == "negatives_version" and not isinstance(value, dict):
+                skipped += value is not None
+                continue  # readers take a missing mapping as {}
             if key == "negatives_version":
-                versions = value if isinstance(value, dict) else {}
-                skipped += not isinstance(value, dict) and value is not None
-                value = {name: v for name, v in versions.items() if v is None or integer(v) is not None}
-                skipped += len(versions) - len(value)
+                value = {name: v for name, v in value.items() if v is None or integer(v) is not None}
+                skipped += len(record[key]) - len(value)
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and number(value) is None:
                 skipped += 1
                 continue
@@ -364,13 +366,14 @@ def draw(plot: Plot):
     """The plot as a matplotlib Figure (no pyplot: no global state, no display needed). Every label is plain
     text: a run or task named `$x$` is not parsed as math."""
     import matplotlib
-    from matplotlib.figure import Figure
 
     with matplotlib.rc_context({"text.parse_math": False}):
-        return _draw(plot, Figure)
+        return _figure(plot)
 
 
-def _draw(plot: Plot, Figure):
+def _figure(plot: Plot):
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8.0, 0.6 + 2.6 * len(plot.axes)), dpi=100, layout="constrained")
     axes = figure.subplots(len(plot.axes), 1, sharex=True, squeeze=False)[:, 0]
     for ax, spec in zip(axes, plot.axes):

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -574,8 +575,6 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == path else f"is below a file, {existing}"
         raise ConfigError(f"{key} {str(path)!r} {where}")
-    import os
-
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key} {str(path)!r}: {existing} is not writable by this user")
 
