@@ -242,8 +242,11 @@ def build_engine(config: Config, model_path: Path, ds_config: dict):
 
         optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     else:
-        # A torch optimizer: DeepSpeed compiles nothing for it (its FusedAdam would need a build).
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # A torch optimizer: DeepSpeed compiles nothing for it (its FusedAdam would need a build). Fused:
+        # ZeRO hands it one flat partition per group, which the unfused CPU kernel streams through memory
+        # once per elementwise op; fused is one pass (0.43 -> 0.10 s per step for all-MiniLM-L6-v2, one
+        # CPU rank, bench/bench_train_step.py) and has a CUDA kernel too.
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
