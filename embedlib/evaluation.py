@@ -1,11 +1,26 @@
-"""Evaluation of an embedding model: retrieval (BEIR layout) and STS (scored pairs).
+"""Evaluation of an embedding model on sets of four task categories, each with its metric as MTEB and
+C-MTEB report it (its main score first):
 
-Retrieval searches the whole corpus exactly and reports nDCG@10, Recall@k and MRR@10 with the
-definitions trec_eval (and so BEIR and MTEB) uses: linear gain, log2 discount, relevance > 0 counts.
-STS reports the Spearman correlation of cosine similarity with the gold score.
+    retrieval            a BEIR-layout directory: nDCG@10, Recall@10, Recall@100, MRR@10 with the
+                         definitions trec_eval (and so BEIR and MTEB) uses: linear gain, log2 discount,
+                         relevance > 0 counts; an exact search over the whole corpus
+    sts                  scored sentence pairs: Spearman correlation of cosine similarity with the score
+    pair_classification  sentence pairs labelled 0/1: average precision of the cosine scores against the
+                         labels (MTEB's cosine AP; tied scores count as sklearn counts them)
+    classification       labelled texts, a training and a test file: accuracy of a logistic regression
+                         (sklearn, max_iter 100, as MTEB) trained on the frozen embeddings of the one and
+                         scored on the other
 
     python -m embedlib.evaluation --model DIR --beir data/scifact --split dev
     python -m embedlib.evaluation --model DIR --sts ../shared/data/stsb_en/dev.tsv
+    python -m embedlib.evaluation --model DIR --pairs pairs.dev.tsv --classification train.jsonl test.jsonl
+    python -m embedlib.evaluation --model DIR --sets sets.yaml
+
+An evaluation set (`EvalSet`: name, category, path, ...) is one of these; `--sets` reads a YAML or JSON
+list of them, and the trainer's `evaluation.sets` is the same list. The output has one result per set
+(`{"set", "category", "metrics", "main_score"}`), the mean main score of each category and "average",
+the mean of the category means (how the paper's Table 4 averages); each flag's figures also stay under
+their category's name ("retrieval", "sts", "pair_classification", "classification").
 
 The same functions serve the quickstart (scripts/quickstart.py) in-process; `evaluate_model` loads a
 model directory and runs whatever is asked of it.
@@ -29,17 +44,24 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from embedlib.atomic import atomic_write_bytes
 from embedlib.embedding_cache import DEFAULT_MAX_GB
-from embedlib.records import (Document, Query, RecordError, ScoredPair, _iter_lines, read_corpus, read_qrels,
-                              read_queries, read_scored_pairs)
+from embedlib.records import (Document, LabeledText, Query, RecordError, ScoredPair, _iter_lines, is_tsv,
+                              iter_labeled_texts, iter_scored_pairs, read_corpus, read_qrels, read_queries,
+                              read_scored_pairs)
 
 RECALL_CUTOFFS = (10, 100)
+CATEGORIES = ("retrieval", "sts", "pair_classification", "classification")
+# The figure each category is compared by (MTEB's main score), and what the set's "main_score" is.
+MAIN_METRIC = {"retrieval": "ndcg@10", "sts": "spearman", "pair_classification": "cosine_ap",
+               "classification": "accuracy"}
 
 
 class EvaluationError(ValueError):
@@ -252,6 +274,317 @@ def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show
     return {"spearman": spearman(cosine, np.array([p.score for p in pairs], dtype=np.float64)), "num_pairs": len(pairs)}
 
 
+def _cosine(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    first, second = first.astype(np.float64), second.astype(np.float64)
+    return np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+
+
+# ---- pair classification: average precision of cosine scores against 0/1 labels ------------------------
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of `scores` ranking the positives (labels 1) first, as sklearn's
+    average_precision_score computes it: sum over the distinct scores t, from high to low, of
+    (recall at t - recall at the previous t) * precision at t, where "at t" takes every pair scored >= t.
+    Tied scores are one threshold: their order does not change the figure."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels) == 1
+    if not labels.any():
+        raise EvaluationError("no positive pair (label 1); average precision is undefined")
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    true_positives = np.cumsum(labels)[last_of_each_score]
+    precision = true_positives / (last_of_each_score + 1)
+    recall = true_positives / true_positives[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def read_pair_labels(path: str | Path) -> list[ScoredPair]:
+    """Sentence pairs with a 0/1 label (records.read_scored_pairs' formats: a tsv with a header naming
+    sentence1, sentence2 and label, or jsonl {"sentence1", "sentence2", "label"}), with both labels present:
+    another value is a RecordError at its line."""
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{path}: no such file (expected sentence pairs labelled 0 or 1)")
+
+    def read(p: Path) -> list[ScoredPair]:
+        pairs = []
+        for line, pair in iter_scored_pairs(p):
+            if pair.score not in (0.0, 1.0):
+                raise RecordError(p, line, "label", f"expected 0 or 1 (a pair classification label), got {pair.score:g}")
+            pairs.append(pair)
+        return pairs
+
+    pairs = _read(read, path)
+    if not pairs:
+        raise EvaluationError(f"{path}: no sentence pairs")
+    _check_pair_labels(pairs, f"{path}: ")
+    return pairs
+
+
+def _check_pair_labels(pairs: list[ScoredPair], where: str = "") -> None:
+    if not pairs:
+        raise EvaluationError(f"{where}no sentence pairs")
+    labels = {p.score for p in pairs}
+    if len(labels) < 2:
+        raise EvaluationError(f"{where}every pair has the label {labels.pop():g}; average precision needs pairs "
+                              "labelled 1 and pairs labelled 0")
+
+
+def evaluate_pair_classification(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True,
+                                 dtype=None) -> dict[str, float]:
+    """{"cosine_ap", "num_pairs", "num_positives"}: the average precision of the pairs' cosine similarity
+    against their 0/1 labels."""
+    _check_pair_labels(pairs)
+    first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
+    second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
+    labels = np.array([p.score for p in pairs])
+    return {"cosine_ap": average_precision(_cosine(first, second), labels), "num_pairs": len(pairs),
+            "num_positives": int(labels.sum())}
+
+
+# ---- classification: a logistic regression on frozen embeddings ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    """The labelled texts a classifier is trained on and those it is scored on."""
+
+    train: list[LabeledText]
+    test: list[LabeledText]
+
+
+def _iter_labeled(path: Path):
+    """(line, LabeledText) of a jsonl / parquet file (records' {"text", "label"}) or a tsv: text<TAB>label,
+    or a header naming the two columns text and label in either order."""
+    if not is_tsv(path):  # RecordError for a type no reader takes
+        yield from iter_labeled_texts(path)
+        return
+    columns = None  # (text column, label column)
+    for line, text in _iter_lines(path):
+        if not text.strip(" "):
+            continue
+        cells = text.split("\t")
+        if columns is None:
+            names = [c.strip().lower() for c in cells]
+            columns = (0, 1)
+            if sorted(names) == ["label", "text"]:
+                columns = (names.index("text"), names.index("label"))
+                continue
+        if len(cells) != 2:
+            raise RecordError(path, line, None, f"expected 2 tab-separated columns (text, label), got {len(cells)}")
+        for name, column in zip(("text", "label"), columns):
+            if not cells[column].strip():
+                raise RecordError(path, line, name, "empty")
+        yield line, LabeledText(cells[columns[0]], cells[columns[1]])
+
+
+def read_classification(train: str | Path, test: str | Path) -> ClassificationData:
+    """Both files read and checked: neither empty, at least two labels among the training texts, and every
+    test label among them (a RecordError at the test line otherwise: no classifier could predict it)."""
+    data = []
+    for path, role in ((Path(train), "training"), (Path(test), "test")):
+        if not path.exists():
+            raise EvaluationError(f"{path}: no such file (expected labelled {role} texts)")
+        texts = _read(lambda p: list(_iter_labeled(p)), path)
+        if not texts:
+            raise EvaluationError(f"{path}: no labelled texts")
+        data.append(texts)
+    (train_texts, test_texts), train_path = data, Path(train)
+    labels = {t.label for _, t in train_texts}
+    if len(labels) < 2:
+        raise EvaluationError(f"{train_path}: every text has the label {labels.pop()!r}; a classifier needs at "
+                              "least two labels")
+    for line, text in test_texts:
+        if text.label not in labels:
+            raise RecordError(test, line, "label", f"{text.label!r} is not a label of the training texts {train_path}")
+    return ClassificationData([t for _, t in train_texts], [t for _, t in test_texts])
+
+
+def classification_accuracy(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: list[str], *,
+                            samples_per_label: int | None = None, experiments: int = 10, seed: int = 42) -> float:
+    """Accuracy on the test embeddings of sklearn's LogisticRegression(max_iter=100) fitted on the training
+    ones, as MTEB's classification tasks score. samples_per_label: MTEB's few-shot protocol, `experiments`
+    classifiers each on up to that many training texts per label (drawn as mteb draws them: the indices
+    shuffled again by RandomState(seed) before each), the accuracies averaged; None: one classifier on
+    every training text. Deterministic."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if samples_per_label is None:
+        draws = [np.arange(len(train_y))]
+    else:
+        draws, indices = [], list(range(len(train_y)))
+        for _ in range(experiments):
+            np.random.RandomState(seed).shuffle(indices)
+            taken: dict[str, int] = {}
+            draw = []
+            for i in indices:
+                if taken.get(train_y[i], 0) < samples_per_label:
+                    draw.append(i)
+                    taken[train_y[i]] = taken.get(train_y[i], 0) + 1
+            draws.append(np.array(draw))
+    accuracies = []
+    for draw in draws:
+        with warnings.catch_warnings():  # 100 iterations, as MTEB, converged or not
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            classifier = LogisticRegression(max_iter=100).fit(train_x[draw], train_y[draw])
+        accuracies.append(float(np.mean(classifier.predict(test_x) == test_y)))
+    return float(np.mean(accuracies))
+
+
+def evaluate_classification(encoder, data: ClassificationData, *, batch_size: int = 64, show_progress: bool = True,
+                            dtype=None, samples_per_label: int | None = None) -> dict[str, float]:
+    """{"accuracy", "num_train", "num_test"}: see `classification_accuracy`."""
+    def embed(texts: list[LabeledText]) -> np.ndarray:
+        return encoder.encode([t.text for t in texts], batch_size=batch_size, show_progress=show_progress,
+                              dtype=dtype).astype(np.float64)
+
+    accuracy = classification_accuracy(embed(data.train), [t.label for t in data.train], embed(data.test),
+                                       [t.label for t in data.test], samples_per_label=samples_per_label)
+    return {"accuracy": accuracy, "num_train": len(data.train), "num_test": len(data.test)}
+
+
+# ---- evaluation sets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set. Its options are documented here once; `--sets FILE` (a YAML or JSON list of
+    them) and the trainer's `evaluation.sets` (training/config.py) take the same keys. Relative paths
+    are relative to the working directory."""
+
+    # The set's name: the "set" of its results and of its RUN/eval.jsonl rows; unique among the sets.
+    name: str
+    # retrieval (main score nDCG@10), sts (Spearman), pair_classification (cosine AP) or classification
+    # (accuracy); see the module's docstring.
+    category: Literal["retrieval", "sts", "pair_classification", "classification"]
+    # What is scored. retrieval: a BEIR-layout directory; sts: scored sentence pairs (tsv or jsonl, as
+    # records.read_scored_pairs reads them); pair_classification: the same with 0/1 labels; classification:
+    # the test texts ({"text", "label"} jsonl, or a tsv text<TAB>label).
+    path: str
+    # retrieval: the split (queries.<split>.jsonl, qrels.<split>.tsv).
+    split: str = "dev"
+    # classification: the labelled texts the classifier is trained on (the formats of path).
+    train: str | None = None
+    # retrieval: the prefix of every query (None: the evaluation's query instruction).
+    query_instruction: str | None = None
+    # classification: MTEB's few-shot protocol, 10 classifiers on this many training texts per label
+    # (MTEB: 8), accuracy averaged; None: one classifier on every training text.
+    samples_per_label: int | None = None
+
+
+SET_KEYS = tuple(f.name for f in fields(EvalSet))
+
+
+def check_set(spec: EvalSet, where: str = "") -> None:
+    """The set's options, without reading its files; EvaluationError prefixed by `where`."""
+    def fail(message: str):
+        raise EvaluationError(f"{where}{message}")
+
+    if spec.category not in CATEGORIES:
+        fail(f"unknown category {spec.category!r}; expected one of: {', '.join(CATEGORIES)}")
+    for key in ("name", "path", "split"):
+        if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
+            fail(f"'{key}' must be a non-empty string, got {getattr(spec, key)!r}")
+    if (spec.category == "classification") != (spec.train is not None):
+        fail("'train' (the training texts) is required for classification" if spec.category == "classification"
+             else f"'train' applies to classification sets only, not {spec.category}")
+    if spec.train is not None and (not isinstance(spec.train, str) or not spec.train):
+        fail(f"'train' must be a non-empty string, got {spec.train!r}")
+    if spec.query_instruction is not None and not isinstance(spec.query_instruction, str):
+        fail(f"'query_instruction' must be a string, got {spec.query_instruction!r}")
+    if spec.samples_per_label is not None:
+        if spec.category != "classification":
+            fail(f"'samples_per_label' applies to classification sets only, not {spec.category}")
+        if not isinstance(spec.samples_per_label, int) or isinstance(spec.samples_per_label, bool) \
+                or spec.samples_per_label < 1:
+            fail(f"'samples_per_label' must be at least 1 (null: every training text), got {spec.samples_per_label!r}")
+
+
+def check_set_names(specs: list[EvalSet], where: str = "") -> None:
+    names = [s.name for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise EvaluationError(f"{where}two sets are named {name!r}; set names must be unique")
+
+
+def load_set(spec: EvalSet):
+    """The set's data read and checked: a BeirSplit, scored pairs, or ClassificationData."""
+    check_set(spec, f"set {spec.name!r}: ")
+    if spec.category == "retrieval":
+        return BeirSplit.load(spec.path, spec.split)
+    if spec.category == "sts":
+        return read_sts(spec.path)
+    if spec.category == "pair_classification":
+        return read_pair_labels(spec.path)
+    return read_classification(spec.train, spec.path)
+
+
+def read_sets(path: str | Path) -> list[EvalSet]:
+    """A YAML or JSON file listing sets (a list, or a mapping with the list under "sets"), checked."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such file (expected a YAML or JSON list of evaluation sets)") from None
+    except OSError as e:
+        raise EvaluationError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{path}: not valid YAML or JSON: {str(e).splitlines()[0]}") from None
+    if isinstance(raw, dict) and set(raw) == {"sets"}:
+        raw = raw["sets"]
+    if not isinstance(raw, list) or not raw:
+        raise EvaluationError(f"{path}: expected a non-empty list of sets (or a mapping with it under 'sets')")
+    specs = []
+    for i, item in enumerate(raw):
+        where = f"{path}: set {i}: "
+        if not isinstance(item, dict):
+            raise EvaluationError(f"{where}expected a mapping with name, category and path, got {item!r}")
+        unknown = [k for k in item if k not in SET_KEYS]
+        if unknown:
+            raise EvaluationError(f"{where}unknown key {unknown[0]!r}; expected: {', '.join(SET_KEYS)}")
+        missing = [k for k in ("name", "category", "path") if k not in item]
+        if missing:
+            raise EvaluationError(f"{where}missing {', '.join(repr(k) for k in missing)}")
+        spec = EvalSet(**item)
+        check_set(spec, where)
+        specs.append(spec)
+    check_set_names(specs, f"{path}: ")
+    return specs
+
+
+def evaluate_set(encoder, spec: EvalSet, data, *, batch_size: int = 64, query_instruction: str = "",
+                 show_progress: bool = True, dtype=None, per_query: bool = False, cache=None) -> dict:
+    """{"set", "category", "metrics", "main_score"} (and "encoding" for retrieval) of one loaded set."""
+    options = {"batch_size": batch_size, "show_progress": show_progress, "dtype": dtype}
+    result: dict = {"set": spec.name, "category": spec.category}
+    if spec.category == "retrieval":
+        encoding: dict = {}
+        instruction = query_instruction if spec.query_instruction is None else spec.query_instruction
+        metrics = evaluate_retrieval(encoder, data, query_instruction=instruction, per_query=per_query, cache=cache,
+                                     encoding=encoding, **options)
+        result["encoding"] = encoding
+    elif spec.category == "sts":
+        metrics = evaluate_sts(encoder, data, **options)
+    elif spec.category == "pair_classification":
+        metrics = evaluate_pair_classification(encoder, data, **options)
+    else:
+        metrics = evaluate_classification(encoder, data, samples_per_label=spec.samples_per_label, **options)
+    return {**result, "metrics": metrics, "main_score": metrics[MAIN_METRIC[spec.category]]}
+
+
+def category_means(results: list[dict]) -> dict:
+    """{"categories": {category: mean main score of its sets}, "average": the mean of those means} (the
+    paper's Table 4 average: of the task-category means), categories in CATEGORIES order."""
+    by_category = {c: [r["main_score"] for r in results if r["category"] == c] for c in CATEGORIES}
+    means = {c: float(np.mean(scores)) for c, scores in by_category.items() if scores}
+    return {"categories": means, "average": float(np.mean(list(means.values()))) if means else None}
+
+
 ENCODE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -315,17 +648,55 @@ def _load_encoder(model: str | Path, root: Path, max_length: int | None):
         raise EvaluationError(f"{model}: cannot load the model: {first_line}") from e
 
 
+FLAG_CATEGORIES = {"beir": "retrieval", "sts": "sts", "pairs": "pair_classification",
+                   "classification": "classification"}
+
+
+def flag_sets(*, beir=None, split: str = "dev", sts=None, pairs=None, classification=None,
+              taken: tuple[str, ...] = ()) -> list[EvalSet]:
+    """The sets the single-set options stand for, each named after its directory or file (without its
+    extensions; "-2", "-3" appended where that name is taken)."""
+    specs, names = [], set(taken)
+
+    def name_of(path) -> str:
+        base = Path(path).name.split(".")[0] or Path(path).name or "set"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.add(name)
+        return name
+
+    if beir:
+        specs.append(EvalSet(name_of(beir), "retrieval", str(beir), split=split))
+    if sts:
+        specs.append(EvalSet(name_of(sts), "sts", str(sts)))
+    if pairs:
+        specs.append(EvalSet(name_of(pairs), "pair_classification", str(pairs)))
+    if classification:
+        train, test = classification
+        specs.append(EvalSet(name_of(test), "classification", str(test), train=str(train)))
+    return specs
+
+
 def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: str = "dev", sts: str | Path | None = None,
-                   query_instruction: str = "", batch_size: int = 64, max_length: int | None = None,
-                   dtype: str = "auto", show_progress: bool = True, per_query: bool = False,
-                   cache_dir: str | Path | None = None, cache_max_gb: float | None = DEFAULT_MAX_GB) -> dict[str, dict]:
-    """Load a model directory and evaluate it: {"retrieval": {...}, "encoding": {...}} and/or {"sts": {...}}.
+                   pairs: str | Path | None = None, classification: tuple[str | Path, str | Path] | None = None,
+                   sets: list[EvalSet] = (), query_instruction: str = "", batch_size: int = 64,
+                   max_length: int | None = None, dtype: str = "auto", show_progress: bool = True,
+                   per_query: bool = False, cache_dir: str | Path | None = None,
+                   cache_max_gb: float | None = DEFAULT_MAX_GB) -> dict:
+    """Load a model directory and evaluate it on the sets given: those of the single-set options (beir with
+    split, sts, pairs, classification = (train, test)) and `sets`.
+
+    Returns {"sets": [evaluate_set's result per set], "categories": {category: mean main score},
+    "average": the mean of the category means}, and for each single-set option its figures under its
+    category's name ({"retrieval": {...}, "encoding": {...}} for beir, {"sts": {...}}, ...).
 
     max_length: tokens per text (None: what the model directory says), the same for queries and passages.
     per_query: the retrieval figures also hold each query's (see `ranking_metrics`).
     cache_dir: the embedding cache to read the corpus embeddings from and add them to (a run's is
     RUN/mining/cache); afterwards its least recently used entries beyond cache_max_gb (None: no bound)
-    are removed. "encoding" says what encoding the retrieval evaluation did.
+    are removed. "encoding" says what encoding a retrieval evaluation did.
 
     The arguments and every data file are checked first, then the model directory, and only then is the
     model loaded, so that bad input fails in seconds: RecordError (a bad record) or EvaluationError.
@@ -333,33 +704,42 @@ def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: 
     _check_options(batch_size, max_length, dtype)
     if cache_max_gb is not None and not 0 <= cache_max_gb < math.inf:
         raise EvaluationError(f"cache bound must be >= 0 GB and finite, got {cache_max_gb!r}")
-    if not beir and not sts:
-        raise EvaluationError("nothing to evaluate: give a BEIR directory and/or an STS file")
-    split_data = BeirSplit.load(beir, split) if beir else None
-    sts_pairs = read_sts(sts) if sts else None
+    sets = list(sets)
+    for spec in sets:
+        check_set(spec, f"set {spec.name!r}: ")
+    check_set_names(sets)
+    flagged = flag_sets(beir=beir, split=split, sts=sts, pairs=pairs, classification=classification,
+                        taken=tuple(s.name for s in sets))
+    specs = flagged + sets
+    if not specs:
+        raise EvaluationError("nothing to evaluate: give a BEIR directory, an STS file, labelled pairs, "
+                              "classification texts and/or evaluation sets")
+    loaded = [load_set(spec) for spec in specs]
     if cache_dir is not None:
         _check_cache_dir(Path(cache_dir))
     root = check_model_dir(model, max_length)
 
     encoder = _load_encoder(model, root, max_length)
     compute_dtype = encode_dtype(dtype)
-    results: dict[str, dict] = {}
-    if split_data is not None:
-        cache = _cache_entry(cache_dir, encoder, root, split_data, compute_dtype) if cache_dir is not None else None
-        encoding: dict = {}
-        results["retrieval"] = evaluate_retrieval(encoder, split_data, batch_size=batch_size,
-                                                  query_instruction=query_instruction, show_progress=show_progress,
-                                                  dtype=compute_dtype, per_query=per_query, cache=cache,
-                                                  encoding=encoding)
-        results["encoding"] = encoding
-        if cache is not None:
-            from embedlib.embedding_cache import gigabytes, prune_cache
+    results, caches = [], []
+    for spec, data in zip(specs, loaded):
+        cache = None
+        if spec.category == "retrieval" and cache_dir is not None:
+            cache = _cache_entry(cache_dir, encoder, root, data, compute_dtype)
+            caches.append(cache)
+        results.append(evaluate_set(encoder, spec, data, batch_size=batch_size, query_instruction=query_instruction,
+                                    show_progress=show_progress, dtype=compute_dtype, per_query=per_query,
+                                    cache=cache))
+    if caches:
+        from embedlib.embedding_cache import gigabytes, prune_cache
 
-            prune_cache(cache_dir, gigabytes(cache_max_gb), keep=(cache,))
-    if sts_pairs is not None:
-        results["sts"] = evaluate_sts(encoder, sts_pairs, batch_size=batch_size,
-                                      show_progress=show_progress, dtype=compute_dtype)
-    return results
+        prune_cache(cache_dir, gigabytes(cache_max_gb), keep=tuple(caches))
+    out: dict = {}
+    for spec, result in zip(flagged, results):  # the single-set options' figures, as before there were sets
+        out[spec.category] = result["metrics"]
+        if spec.category == "retrieval":
+            out["encoding"] = result["encoding"]
+    return {**out, "sets": results, **category_means(results)}
 
 
 def _check_cache_dir(path: Path) -> None:
@@ -407,12 +787,20 @@ def _check_output(output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description="Evaluate an embedding model directory.")
+    parser = _Parser(description="Evaluate an embedding model directory on retrieval, STS, pair classification "
+                                 "and classification sets.")
     parser.add_argument("--model", required=True, help="encoder export or Hugging Face model directory "
                                                        "(or package:<name>)")
     parser.add_argument("--beir", type=Path, help="BEIR-layout directory for retrieval evaluation")
     parser.add_argument("--split", default="dev", help="split name of queries.<split>.jsonl and qrels.<split>.tsv")
     parser.add_argument("--sts", type=Path, help="scored sentence pairs (tsv or jsonl) for STS evaluation")
+    parser.add_argument("--pairs", type=Path, help="sentence pairs labelled 0/1 (tsv or jsonl) for pair "
+                                                   "classification (average precision of cosine)")
+    parser.add_argument("--classification", type=Path, nargs=2, metavar=("TRAIN", "TEST"),
+                        help="labelled texts (jsonl {text, label} or tsv text<TAB>label): a logistic regression "
+                             "trained on TRAIN's embeddings, its accuracy on TEST")
+    parser.add_argument("--sets", type=Path, help="a YAML or JSON list of evaluation sets ({name, category, path, "
+                                                  "split, train, ...}; embedlib.evaluation.EvalSet)")
     parser.add_argument("--query-instruction", default="", help="prefix added to every query")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
@@ -429,9 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     try:
         args = parser.parse_args(argv)
-        if not args.beir and not args.sts:
-            raise _UsageError("give --beir DIR and/or --sts FILE")
-        if args.per_query and not args.beir:
+        if not (args.beir or args.sts or args.pairs or args.classification or args.sets):
+            raise _UsageError("give --beir DIR, --sts FILE, --pairs FILE, --classification TRAIN TEST "
+                              "and/or --sets FILE")
+        if args.per_query and not args.beir and not args.sets:
             raise _UsageError("--per-query needs --beir (it adds each query's retrieval figures)")
         if args.batch_size < 1:
             raise _UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -442,7 +831,9 @@ def main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"--cache-max-gb must be >= 0 and finite, got {args.cache_max_gb}")
         if args.output:
             _check_output(args.output)
-        results = evaluate_model(args.model, beir=args.beir, split=args.split, sts=args.sts,
+        sets = read_sets(args.sets) if args.sets else []
+        results = evaluate_model(args.model, beir=args.beir, split=args.split, sts=args.sts, pairs=args.pairs,
+                                 classification=args.classification, sets=sets,
                                  query_instruction=args.query_instruction, batch_size=args.batch_size,
                                  max_length=args.max_length, dtype=args.dtype, show_progress=not args.no_progress,
                                  per_query=args.per_query, cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb)

@@ -237,7 +237,7 @@ def test_cache_dir_under_a_file(capsys, tiny_bert_dir, beir, tmp_path, output, n
 
 def test_neither_beir_nor_sts(capsys, tiny_bert_dir, output, no_model_load):
     line = run_failing(capsys, ["--model", str(tiny_bert_dir)], output)
-    assert line == "error: give --beir DIR and/or --sts FILE"
+    assert line == "error: give --beir DIR, --sts FILE, --pairs FILE, --classification TRAIN TEST and/or --sets FILE"
 
 
 def test_missing_model_option(capsys, sts, output):
