@@ -162,7 +162,8 @@ def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(
         "deepspeed.config=ds_configs/zero3.json", "train.max_steps=4", "train.export_every=2",
         "train.num_workers=1", "train.save_every=1", "train.keep_checkpoints=2", "data.0.batch_size=8",
         f"data.1={{name: sts, kind: sts, path: {sts}, batch_size: 8}}",
-        f"evaluation.beir={beir}", "evaluation.every=2"])
+        f"evaluation.beir={beir}", "evaluation.every=2",
+        f"evaluation.sets.0={{name: sts-dev, category: sts, path: {sts}}}"])
     _assert_learns(_losses(run_dir))
     records = read_metrics(run_dir)
     assert all(sorted(r["tasks"]) == ["scifact", "sts"] and {"loss/retrieval", "loss/sts"} <= r.keys()
@@ -173,13 +174,17 @@ def test_zero3_two_tasks_exports_load_in_transformers_and_sentence_transformers(
     assert json.loads((run_dir / "run.json").read_text())["exports"] == [2, 4]
     export = list_exports(run_dir)[-1].path
 
-    # The dev evaluation during training scored each export (rank 0, under ZeRO-3) as the CLI does.
+    # The dev evaluation during training scored each export (rank 0, under ZeRO-3) on each set (evaluation.beir's,
+    # named after its directory, and the STS set), one row per set and step, as the CLI does.
     from embedlib.evaluation import evaluate_model
     evaluations = read_metrics(run_dir, "eval.jsonl")
-    assert [r["step"] for r in evaluations] == [2, 4]
-    final = evaluate_model(export, beir=beir, split="dev", max_length=32, show_progress=False)["retrieval"]
-    assert evaluations[-1]["eval/ndcg@10"] == pytest.approx(final["ndcg@10"], abs=1e-6)
-    assert evaluations[-1]["eval/recall@100"] == pytest.approx(final["recall@100"], abs=1e-6)
+    assert [(r["step"], r["set"], r["category"]) for r in evaluations] == [
+        (2, "beir", "retrieval"), (2, "sts-dev", "sts"), (4, "beir", "retrieval"), (4, "sts-dev", "sts")]
+    final = evaluate_model(export, beir=beir, split="dev", sts=sts, max_length=32, show_progress=False)
+    assert evaluations[-2]["eval/ndcg@10"] == pytest.approx(final["retrieval"]["ndcg@10"], abs=1e-6)
+    assert evaluations[-2]["eval/recall@100"] == pytest.approx(final["retrieval"]["recall@100"], abs=1e-6)
+    assert evaluations[-1]["eval/spearman"] == pytest.approx(final["sts"]["spearman"], abs=1e-6)
+    assert evaluations[-1]["main_score"] == evaluations[-1]["eval/spearman"]
 
     # The export holds exactly the trained weights: those DeepSpeed consolidates from the ZeRO-3
     # shards of the final checkpoint.

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from embedlib.encoder import EncoderError, embedding_dim_of, is_decoder_model, resolve_model_dir
+from embedlib.evaluation import EvalSet, EvaluationError, check_set, check_set_names, flag_sets, load_set
 
 from training.loss import LossConfig
 
@@ -198,18 +199,25 @@ class NegativesConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Retrieval evaluation of the exported model while training (embedlib.evaluation, on rank 0),
-    logged to RUN/eval.jsonl, one line per evaluation: {"step", "eval/ndcg@10", ...}."""
+    """Evaluation of the exported model while training (embedlib.evaluation, on rank 0), logged to
+    RUN/eval.jsonl, one line per set and evaluation: {"step", "set", "category", "main_score",
+    "eval/<metric>", ...} (retrieval: eval/ndcg@10, eval/recall@10, eval/recall@100, eval/mrr@10;
+    sts: eval/spearman; pair_classification: eval/cosine_ap; classification: eval/accuracy)."""
 
-    # A BEIR-layout directory (corpus.jsonl[.gz], queries.<split>.jsonl, qrels.<split>.tsv); empty: none.
+    # A BEIR-layout directory (corpus.jsonl[.gz], queries.<split>.jsonl, qrels.<split>.tsv), evaluated
+    # as a retrieval set named after the directory, on `split`; empty: none.
     beir: str = ""
     split: str = "dev"
+    # Evaluation sets of any category, each {name, category, path, split, train, query_instruction,
+    # samples_per_label}: the options of embedlib.evaluation.EvalSet, documented there.
+    sets: list[EvalSet] = field(default_factory=list)
     # Evaluate every `every` steps (an export is made at those steps too) and at the end; 0: at the end only.
     every: int = 0
     # Tokens per query and passage (None: model.max_length).
     max_length: int | None = None
     batch_size: int = 64
-    # Prefix of every query (use the retrieval data set's instruction, if it has one).
+    # Prefix of every query of a retrieval set without its own (use the retrieval data set's instruction,
+    # if it has one).
     query_instruction: str = ""
 
 
@@ -475,6 +483,15 @@ def validate(config: Config, source: str) -> None:
     require(e.every >= 0, "evaluation.every", "must not be negative")
     require(e.batch_size >= 1, "evaluation.batch_size", "must be at least 1")
     require(e.max_length is None or e.max_length >= 2, "evaluation.max_length", "must be at least 2")
+    for i, spec in enumerate(e.sets):
+        try:
+            check_set(spec)
+        except EvaluationError as error:
+            raise ConfigError(f"{source}: 'evaluation.sets.{i}': {error}") from None
+    try:
+        check_set_names(evaluation_sets(config))
+    except EvaluationError as error:
+        raise ConfigError(f"{source}: 'evaluation.sets': {error}") from None
 
 
 def _value_at(config: Config, key: str) -> Any:
@@ -496,18 +513,25 @@ def _require_finite_floats(node: Any, where: str, source: str) -> None:
         raise ConfigError(f"{source}: '{where}' must be a finite number, got {node}")
 
 
-def check_evaluation_data(config: Config) -> None:
-    """evaluation.beir's split read and checked as the evaluation will read it (records.RecordError for a
-    bad record), so that a problem stops the run before step 1 rather than at the first evaluation."""
+def evaluation_sets(config: Config) -> list[EvalSet]:
+    """The sets evaluated during training: evaluation.beir's (named after its directory) first, then
+    evaluation.sets."""
     e = config.evaluation
-    if not e.beir:
-        return
-    from embedlib.evaluation import BeirSplit, EvaluationError
+    sets = list(getattr(e, "sets", None) or [])
+    return flag_sets(beir=e.beir or None, split=e.split, taken=tuple(s.name for s in sets)) + sets
 
-    try:
-        BeirSplit.load(e.beir, e.split)
-    except EvaluationError as error:
-        raise ConfigError(f"evaluation.beir: {error}") from None
+
+def check_evaluation_data(config: Config) -> None:
+    """Every evaluation set's files read and checked as the evaluation will read them (records.RecordError
+    for a bad record), so that a problem stops the run before step 1 rather than at the first evaluation."""
+    sets, listed = evaluation_sets(config), config.evaluation.sets
+    wheres = ["evaluation.beir"] * (len(sets) - len(listed)) + [f"evaluation.sets.{i} ({spec.name})"
+                                                                  for i, spec in enumerate(listed)]
+    for where, spec in zip(wheres, sets):
+        try:
+            load_set(spec)
+        except EvaluationError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 def to_dict(config: Config) -> dict:

@@ -16,8 +16,11 @@ The run directory (config `run_dir`):
                           of a denominator at that step); at dynamic-negatives checks also negatives/<data set>/
                           {eligible, stale, replaced, mean_score, mean_initial_score, ratio_q10, ratio_q50,
                           ratio_q90, unobserved, version, export_age_steps} and negatives/sidecar_alive
-    RUN/eval.jsonl        with evaluation.beir: one JSON object per evaluation of an export on that
-                          BEIR split, {"step", "eval/ndcg@10", "eval/recall@100", "eval/mrr@10", ...}
+    RUN/eval.jsonl        with evaluation.beir or evaluation.sets: one JSON object per set and evaluated
+                          export, {"step", "set", "category", "main_score", "eval/<metric>", ...}
+                          (retrieval: eval/ndcg@10, eval/recall@100, eval/mrr@10, ...; sts: eval/spearman;
+                          pair_classification: eval/cosine_ap; classification: eval/accuracy); the
+                          category means are the report's to compute (embedlib.report)
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
                           each complete only once it holds complete.json (training/checkpoint.py);
                           dynamic_negatives.safetensors in each holds the negatives state (when a
@@ -85,7 +88,7 @@ from embedlib.logs import route_logs
 from embedlib.rundir import CONFIG_YAML, EVAL_JSONL, LOGS, RUN_JSON, RunStatus, utc_now
 from training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import (Config, ConfigError, ModelConfig, build_ds_config, check_evaluation_data, check_model,
-                             check_writable_dir, load_config, to_dict)
+                             check_writable_dir, evaluation_sets, load_config, to_dict)
 from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
                            prefetch_steps, samples_in_step, shared_query_tasks, store_specs)
 from training.grad_cache import backward_step
@@ -327,7 +330,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
     shared = shared_query_tasks(config)
     loss_kind_of = {task.name: task.loss_kind for task in tasks}
     metrics = MetricsLog(run_dir, start_step) if rank == 0 else None
-    eval_log = MetricsLog(run_dir, start_step, EVAL_JSONL) if rank == 0 and config.evaluation.beir else None
+    evaluates = bool(evaluation_sets(config))
+    eval_log = MetricsLog(run_dir, start_step, EVAL_JSONL) if rank == 0 and evaluates else None
     progress = StepProgress(t.max_steps, start_step, enabled=rank == 0 and t.progress)
 
     def checkpoint(step: int) -> None:
@@ -336,7 +340,7 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
 
     def evaluation_due(step: int) -> bool:
         e = config.evaluation
-        return bool(e.beir) and (step == t.max_steps or (e.every > 0 and step % e.every == 0))
+        return evaluates and (step == t.max_steps or (e.every > 0 and step % e.every == 0))
 
     def export(step: int) -> None:
         info = export_model(engine, run_dir, step, keep=t.keep_exports,
@@ -346,7 +350,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
             print(f"exported: {info.path}", flush=True)
         if evaluation_due(step):
             if rank == 0:  # the export is the consolidated model under every ZeRO stage
-                eval_log.log({"step": step, **evaluate_export(info.path, config)})
+                for row in evaluation_rows(info.path, config):  # one row per set
+                    eval_log.log({"step": step, **row})
                 refresh_model_card(info.path, run_dir)  # the card shows this export's own figures
             dist.barrier()
 
@@ -431,9 +436,10 @@ def train_step(engine, batch: StepBatch, kinds: list[str], config: Config) -> St
     return out
 
 
-def evaluate_export(export_dir: Path, config: Config) -> dict[str, float]:
-    """nDCG@10, Recall@k and MRR@10 of an export on config.evaluation's BEIR split, as eval/<metric>, and
-    what its encoding cost, as eval_encoding/<figure>.
+def evaluation_rows(export_dir: Path, config: Config) -> list[dict]:
+    """The export evaluated on every set of the run (training.config.evaluation_sets: evaluation.beir's,
+    then evaluation.sets), one eval.jsonl row each: {"set", "category", "main_score", "eval/<metric>"}, and
+    for a retrieval set what its encoding cost, as eval_encoding/<figure>.
 
     The corpus embeddings go through the run's embedding cache with the miner's settings (RUN/mining/
     spec.json: cache directory, its bound, encode dtype; embedlib.embedding_cache.run_cache_settings), so
@@ -444,13 +450,24 @@ def evaluate_export(export_dir: Path, config: Config) -> dict[str, float]:
 
     e = config.evaluation
     cache = run_cache_settings(config.run_dir)
-    results = evaluate_model(export_dir, beir=e.beir, split=e.split, batch_size=e.batch_size,
+    results = evaluate_model(export_dir, sets=evaluation_sets(config), batch_size=e.batch_size,
                              query_instruction=e.query_instruction,
                              max_length=e.max_length or config.model.max_length, show_progress=False,
                              dtype=cache.encode_dtype, cache_dir=cache.cache_dir, cache_max_gb=cache.max_gb)
-    encoding = {f"eval_encoding/{name}": results["encoding"][name]
-                for name in ("corpus_rows_encoded", "padding_fraction", "seconds")}
-    return {**{f"eval/{name}": value for name, value in results["retrieval"].items()}, **encoding}
+    rows = []
+    for result in results["sets"]:
+        row = {"set": result["set"], "category": result["category"], "main_score": result["main_score"],
+               **{f"eval/{name}": value for name, value in result["metrics"].items()}}
+        if "encoding" in result:
+            row.update({f"eval_encoding/{name}": result["encoding"][name]
+                        for name in ("corpus_rows_encoded", "padding_fraction", "seconds")})
+        rows.append(row)
+    return rows
+
+
+def evaluate_export(export_dir: Path, config: Config) -> dict:
+    """The row of the first set alone (evaluation.beir's, when there is one): `evaluation_rows`[0]."""
+    return evaluation_rows(export_dir, config)[0]
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:

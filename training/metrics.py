@@ -28,9 +28,11 @@ class MetricsLog:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
+            # eval.jsonl has a row per set and step: each set's figures under its own tags
+            prefix = f"{record['set']}/" if isinstance(record.get("set"), str) else ""
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self._tensorboard.add_scalar(key, value, record["step"])
+                    self._tensorboard.add_scalar(prefix + key, value, record["step"])
 
     def close(self) -> None:
         self._file.close()
