@@ -31,7 +31,7 @@ import yaml
 
 from embedlib.atomic import atomic_write_bytes
 from embedlib.records import iter_records, read_scored_pairs
-from embedlib.runlog import RunLog, eval_figures, read_run
+from embedlib.runlog import RunLog, eval_figures, latest_evals, read_run
 
 README = "README.md"
 CITATION = """@misc{li2024conanembedding,
@@ -127,12 +127,13 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     datasets = dataset_facts(run.config)
     metrics = [m for m in run.metrics if m["step"] <= step]
     evals = [e for e in run.evals if e["step"] <= step]
-    latest_eval = evals[-1] if evals else None
+    latest = latest_evals(evals)
+    latest_eval = latest[0] if latest else None
     base = str((run.config.get("model") or {}).get("path", "unknown"))
     hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
     name = f"{run.path.resolve().name}, step {step}"  # raw in the YAML metadata; _text() where Markdown
     evaluation = run.config.get("evaluation") or {}
-    eval_data = Path(evaluation.get("beir") or "dev").name
+    sections = _eval_sections(latest, evaluation)
     # The metadata the Hugging Face hub reads (model-index: the figures shown beside the model).
     front: dict = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
                    "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "conan-embedding",
@@ -141,10 +142,10 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
         front["base_model"] = hub_base
     if latest_eval:
         front["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "retrieval"},
-            "dataset": {"name": eval_data, "type": eval_data, "split": evaluation.get("split", "dev")},
-            "metrics": [{"type": key.replace("@", "_at_"), "value": value, "name": key}
-                        for key, value in eval_figures(latest_eval)]}]}]
+            "task": {"type": category},
+            "dataset": {"name": data, "type": data, **({"split": split} if split else {})},
+            "metrics": [{"type": key.replace("@", "_at_"), "value": value, "name": key} for key, value in figures]}
+            for category, data, split, figures in sections]}]
 
     base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else _code(base)
     names = f"{_and_list([_text(d.name) for d in datasets])} data set{'s' if len(datasets) > 1 else ''}"
@@ -172,11 +173,14 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     out += _usage(model, model_path)
     if latest_eval:
         note = "" if latest_eval["step"] == step else " (an earlier export of this run; this export was not evaluated)"
-        out += ["", "## Evaluation", "", "### Metrics", "",
-                f"#### Retrieval: {_text(eval_data)}, split {_text(evaluation.get('split', 'dev'))}", "",
-                f"* Evaluated during training with `embedlib.evaluation` (exact search over the whole corpus) "
-                f"at step {latest_eval['step']}{note}", "", "| Metric | Value |", "|:--|--:|",
-                *[f"| {_text(key)} | {value:.4f} |" for key, value in eval_figures(latest_eval)]]
+        out += ["", "## Evaluation", "", "### Metrics"]
+        for category, data, split, figures in sections:
+            how = " (exact search over the whole corpus)" if category == "retrieval" else ""
+            out += ["", f"#### {CATEGORY_TITLES.get(category, _text(category))}: {_text(data)}"
+                    + (f", split {_text(split)}" if split else ""), "",
+                    f"* Evaluated during training with `embedlib.evaluation`{how} at step {latest_eval['step']}{note}",
+                    "", "| Metric | Value |", "|:--|--:|",
+                    *[f"| {_text(key)} | {value:.4f} |" for key, value in figures]]
     out += ["", "## Training Details", "", f"### Training Dataset{'s' if len(datasets) > 1 else ''}", ""]
     for d in datasets:
         out += [f"#### {_text(d.name)}", "", f"* Kind: {_text(d.kind)}", f"* Path: {_code(d.path)}"]
@@ -232,6 +236,28 @@ def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
     return out
 
 
+CATEGORY_TITLES = {"retrieval": "Retrieval", "sts": "Semantic Similarity", "pair_classification": "Pair Classification",
+                   "classification": "Classification"}
+
+
+def _eval_sections(latest: list[dict], evaluation: dict) -> list[tuple[str, str, str | None, list]]:
+    """(category, data set name, split or None, figures) of each set of the latest evaluation; a record of
+    an older run (no "set") is evaluation.beir's retrieval on evaluation.split."""
+    split = evaluation.get("split", "dev")
+    listed = {s.get("name"): s for s in evaluation.get("sets") or [] if isinstance(s, dict)}
+    sections = []
+    for record in latest:
+        if "set" not in record:
+            sections.append(("retrieval", Path(evaluation.get("beir") or "dev").name, split, eval_figures(record)))
+            continue
+        category = str(record.get("category", "retrieval"))
+        spec = listed.get(record["set"], {})
+        set_split = spec.get("split", "dev") if spec else split  # not listed: evaluation.beir's set
+        sections.append((category, str(record["set"]), set_split if category == "retrieval" else None,
+                         eval_figures(record)))
+    return sections
+
+
 def _training_logs(metrics: list[dict], evals: list[dict]) -> list[str]:
     """sentence-transformers' table: the loss at about ten steps, and the figures of each evaluation."""
     if not metrics:
@@ -239,8 +265,14 @@ def _training_logs(metrics: list[dict], evals: list[dict]) -> list[str]:
     loss_at = {m["step"]: m["loss"] for m in metrics}
     shown = sorted({metrics[round(i * (len(metrics) - 1) / 9)]["step"] for i in range(10)} | {e["step"] for e in evals}
                    | {metrics[-1]["step"]})
-    by_step = {e["step"]: dict(eval_figures(e)) for e in evals}
-    names = list(dict.fromkeys(k for e in evals for k, _ in eval_figures(e)))
+
+    def named(e: dict) -> list[tuple[str, float]]:  # a set's figures carry its name
+        return [(f"{e['set']} {k}" if "set" in e else k, v) for k, v in eval_figures(e)]
+
+    by_step: dict[int, dict] = {}
+    for e in evals:
+        by_step.setdefault(e["step"], {}).update(named(e))
+    names = list(dict.fromkeys(k for e in evals for k, _ in named(e)))
     header = ["Step", "Training Loss", *map(_text, names)]
     rows = ["", "### Training Logs", "", "| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
     for s in shown:

@@ -15,7 +15,8 @@ Every figure overlays all the runs given, one color per run, with a legend:
                  store version: the export step it was mined with, the step at which it was
                  published and the step at which the trainer adopted it; the age in steps of the
                  negatives in use (step minus the export step they were mined with) at every step
-    evaluation   each figure of eval.jsonl over steps
+    evaluation   each figure of eval.jsonl over steps; with evaluation sets, a plot per category (a line
+                 per set) and the category means with their average (the paper's Table 4 view)
 
 A panel whose data no run has (no dynamic negatives, no evaluation, no mining) is left out. Runs are
 read with embedlib.runlog, so a run that is still going is shown as far as it got; run the command
@@ -40,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedlib.atomic import atomic_write_bytes, atomic_write_json
+from embedlib.evaluation import CATEGORIES, MAIN_METRIC, category_means
 from embedlib.run_records import integer, number
-from embedlib.runlog import RunLog, RunLogError, eval_figures, is_run_dir, read_run
+from embedlib.runlog import RunLog, RunLogError, eval_figures, is_run_dir, latest_evals, read_run
 
 REPORT_JSON = "report.json"
 INDEX_HTML = "index.html"
@@ -230,12 +232,70 @@ def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
 
 
 def evaluation_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
-    names = list(dict.fromkeys(name for run in runs for record in run.evals for name, _ in eval_figures(record)))
-    return [Plot(f"eval_{_file_stem(name)}", "Evaluation", name,
-                 f"{name} of the exports evaluated during training (eval.jsonl).",
-                 [Axis(name, [Line(f"eval/{name}:{label}", label, *_series(run.evals, f"eval/{name}"), i, "o-")
-                              for i, (run, label) in enumerate(zip(runs, labels))])])
-            for name in names]
+    """Older runs' eval.jsonl (one record per evaluation, no "set"): a plot per figure, a line per run.
+    Runs with evaluation sets: a plot per category (an axis per figure, a line per run and set), and the
+    category means with their average (the paper's Table 4 view)."""
+    legacy = [[e for e in run.evals if "set" not in e] for run in runs]
+    names = list(dict.fromkeys(name for evals in legacy for record in evals for name, _ in eval_figures(record)))
+    plots = [Plot(f"eval_{_file_stem(name)}", "Evaluation", name,
+                  f"{name} of the exports evaluated during training (eval.jsonl).",
+                  [Axis(name, [Line(f"eval/{name}:{label}", label, *_series(evals, f"eval/{name}"), i, "o-")
+                               for i, (evals, label) in enumerate(zip(legacy, labels))])])
+             for name in names]
+    set_rows = [[e for e in run.evals if isinstance(e.get("set"), str)] for run in runs]
+    found = {str(e.get("category")) for rows in set_rows for e in rows}
+    categories = [c for c in CATEGORIES if c in found] + sorted(found - set(CATEGORIES))
+    for category in categories:
+        rows_of = [[e for e in rows if e.get("category") == category] for rows in set_rows]
+        figures = list(dict.fromkeys(name for rows in rows_of for e in rows for name, _ in eval_figures(e)))
+        axes = []
+        for name in figures:
+            axis = Axis(name, [])
+            for i, (rows, label) in enumerate(zip(rows_of, labels)):
+                for j, name_of_set in enumerate(dict.fromkeys(e["set"] for e in rows)):
+                    x, y = _series([e for e in rows if e["set"] == name_of_set], f"eval/{name}")
+                    axis.lines.append(Line(f"eval/{name_of_set}/{name}:{label}", f"{label} · {name_of_set}", x, y,
+                                           i, DATASET_STYLES[j % len(DATASET_STYLES)]))
+            axes.append(axis)
+        main = MAIN_METRIC.get(category)
+        plots.append(Plot(f"eval_{_file_stem(category)}", "Evaluation", f"Evaluation: {category}",
+                          f"Each {category} set's figures at the exports evaluated during training (eval.jsonl), "
+                          f"a line per run and set" + (f"; its main score is {main}." if main else "."), axes))
+    if categories:
+        means = Axis("category mean of the main scores", [])
+        average = Axis("average of the category means", [])
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            steps = category_means_by_step(run)
+            for j, category in enumerate(categories):
+                points = [(s, m["categories"][category]) for s, m in steps.items() if category in m["categories"]]
+                means.lines.append(Line(f"eval_mean/{category}:{label}", f"{label} · {category}",
+                                        [s for s, _ in points], [v for _, v in points], i,
+                                        DATASET_STYLES[j % len(DATASET_STYLES)]))
+            average.lines.append(Line(f"eval_average:{label}", label, list(steps),
+                                      [m["average"] for m in steps.values()], i, "o-"))
+        plots.append(Plot("eval_average", "Evaluation", "Evaluation: category means and their average",
+                          "Top: the mean main score of each category's sets (nDCG@10, Spearman, cosine AP, "
+                          "accuracy) at each evaluation. Bottom: the mean of the category means, as the paper's "
+                          "Table 4 averages. An evaluation counts once every set of the run has its row.",
+                          [means, average]))
+    return plots
+
+
+def category_means_by_step(run: RunLog) -> dict[int, dict]:
+    """{step: {"categories": {category: mean main score}, "average": mean of those}} at each step at which
+    every evaluation set of the run has a finite main score (embedlib.evaluation.category_means)."""
+    rows = [e for e in run.evals if isinstance(e.get("set"), str)]
+    sets = set(e["set"] for e in rows)
+    by_step: dict[int, list[dict]] = {}
+    for e in rows:
+        by_step.setdefault(e["step"], []).append(e)
+    out = {}
+    for step, at in by_step.items():
+        if {e["set"] for e in at} == sets and all(_number(e.get("main_score")) and math.isfinite(e["main_score"])
+                                                  for e in at):
+            out[step] = category_means([{"category": str(e.get("category")), "main_score": e["main_score"]}
+                                        for e in at])
+    return out
 
 
 def _noisy_lines(key: str, runs: list[RunLog], labels: list[str]) -> list[Line]:
@@ -435,7 +495,12 @@ def run_labels(paths: list[Path]) -> list[str]:
 def run_summary(run: RunLog, label: str) -> dict:
     recipe, overrides = run.recipe_and_overrides()
     last = run.metrics[-1] if run.metrics else {}
-    latest_eval = run.evals[-1] if run.evals else None
+    latest = latest_evals(run.evals)
+    latest_eval = latest[-1] if latest else None
+    if latest and "set" in latest[0]:  # evaluation sets: each set's main score and the category means
+        means = category_means_by_step(run).get(latest[0]["step"], {})
+        latest_eval = {"step": latest[0]["step"], "main_scores": {e["set"]: e.get("main_score") for e in latest},
+                       **means}
     return {
         "label": label, "path": str(run.path.resolve()), "status": run.status, "step": run.last_step,
         "max_steps": run.max_steps, "loss": last.get("loss"), "recipe": recipe, "overrides": overrides,
@@ -453,8 +518,14 @@ def render_page(summaries: list[dict], plots: list[Plot], skipped: int = 0) -> s
         versions = ", ".join(f"{name} v{v}" if v is not None else f"{name}: none yet"
                              for name, v in (s["negatives_version"] or {}).items()) or "–"
         evaluation = "–"
-        if s["latest_eval"]:
+        if s["latest_eval"] and "main_scores" in s["latest_eval"]:
+            figures = ", ".join(f"{name} {value:.4f}" for name, value in s["latest_eval"]["main_scores"].items()
+                                if _number(value))
+            if _number(s["latest_eval"].get("average")):
+                figures += f"; average of the category means {s['latest_eval']['average']:.4f}"
+        elif s["latest_eval"]:
             figures = ", ".join(f"{name} {value:.4f}" for name, value in eval_figures(s["latest_eval"]))
+        if s["latest_eval"]:
             evaluation = f"step {s['latest_eval']['step']}: {figures}"
         recipe = esc(s["recipe"] or "–") + "".join(f"<br><code>{esc(o)}</code>" for o in s["overrides"])
         rows.append(f"<tr><td><b>{esc(s['label'])}</b><br><small>{esc(s['path'])}</small></td>"

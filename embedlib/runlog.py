@@ -32,7 +32,9 @@ class RunLog:
     run: dict = field(default_factory=dict)  # run.json ({} before the trainer started)
     config: dict = field(default_factory=dict)  # config.yaml, the resolved configuration ({} before)
     metrics: list[dict] = field(default_factory=list)  # one per step, in step order, each step once
-    evals: list[dict] = field(default_factory=list)  # eval.jsonl, in step order
+    # eval.jsonl, in step order: one record per evaluation, or, since evaluation sets, per set and evaluation
+    # ({"step", "set", "category", "main_score", "eval/<metric>", ...}; records without "set" are older runs')
+    evals: list[dict] = field(default_factory=list)
     refreshes: list[RefreshRecord] = field(default_factory=list)  # one per mining pass, in file order
 
     @property
@@ -62,9 +64,10 @@ def read_run(path: str | os.PathLike) -> RunLog:
     path = Path(path)
     # A resumed run rewrites the steps after its checkpoint: the last line of a step is the one that counts.
     metrics = {record["step"]: record for record in read_jsonl(path / METRICS_JSONL)}
-    evals = {record["step"]: record for record in read_jsonl(path / EVAL_JSONL)}
+    evals = {(record["step"], record.get("set")): record for record in read_jsonl(path / EVAL_JSONL)}
     return RunLog(path=path, run=_read_json(path / RUN_JSON), config=read_config(path),
-                  metrics=[metrics[s] for s in sorted(metrics)], evals=[evals[s] for s in sorted(evals)],
+                  metrics=[metrics[s] for s in sorted(metrics)],
+                  evals=[evals[k] for k in sorted(evals, key=lambda k: k[0])],  # the sets in logged order
                   refreshes=read_refreshes(path))
 
 
@@ -102,6 +105,12 @@ def read_jsonl(path: Path, key: str | None = "step") -> list[dict]:
             raise RunLogError(f"{path}:{number}: not a record of this log ({e})") from None
         records.append(record)
     return records
+
+
+def latest_evals(evals: list[dict], step: int | None = None) -> list[dict]:
+    """The records of the latest evaluation (at or before `step`): one per set, or the one older record."""
+    done = [e for e in evals if step is None or e["step"] <= step]
+    return [e for e in done if e["step"] == done[-1]["step"]] if done else []
 
 
 def eval_figures(record: dict) -> list[tuple[str, float]]:
