@@ -233,8 +233,8 @@ def mining_plot(runs: list[RunLog], labels: list[str]) -> Plot | None:
 
 def evaluation_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
     """Older runs' eval.jsonl (one record per evaluation, no "set"): a plot per figure, a line per run.
-    Runs with evaluation sets: a plot per category (an axis per figure, a line per run and set), and the
-    category means with their average (the paper's Table 4 view)."""
+    Runs with evaluation sets: a plot per category (an axis per figure, a line per run and set), and, where a
+    run has several sets, the category means with their average (the paper's Table 4 view)."""
     legacy = [[e for e in run.evals if "set" not in e] for run in runs]
     names = list(dict.fromkeys(name for evals in legacy for record in evals for name, _ in eval_figures(record)))
     plots = [Plot(f"eval_{_file_stem(name)}", "Evaluation", name,
@@ -261,7 +261,7 @@ def evaluation_plots(runs: list[RunLog], labels: list[str]) -> list[Plot]:
         plots.append(Plot(f"eval_{_file_stem(category)}", "Evaluation", f"Evaluation: {category}",
                           f"Each {category} set's figures at the exports evaluated during training (eval.jsonl), "
                           f"a line per run and set" + (f"; its main score is {main}." if main else "."), axes))
-    if categories:
+    if any(len({e["set"] for e in rows}) > 1 for rows in set_rows):  # of one set, its main score above
         means = Axis("category mean of the main scores", [])
         average = Axis("average of the category means", [])
         for i, (run, label) in enumerate(zip(runs, labels)):

@@ -138,3 +138,15 @@ def test_model_card_shows_every_set_of_the_latest_evaluation(tmp_path, tiny_bert
         {"ndcg@10": 0.25, "recall@100": 0.5}, {"spearman": 0.75}]
     assert "#### Retrieval: scifact-dev, split dev" in card and "#### Semantic Similarity: stsb-dev\n" in card
     assert "| scifact-dev ndcg@10 | scifact-dev recall@100 | stsb-dev spearman |" in card  # training logs
+
+
+def test_report_of_a_single_set_has_no_average_plot(tmp_path):
+    from embedlib.report import write_report
+    from report_runs import write_jsonl, write_run
+
+    run = write_run(tmp_path / "one", 10)
+    write_jsonl(run / "eval.jsonl", [{"step": 10, "set": "sci", "category": "retrieval", "main_score": 0.5,
+                                      "eval/ndcg@10": 0.5, "eval/num_queries": 6}])
+    write_report([run], tmp_path / "report")
+    names = {f["name"] for f in json.loads((tmp_path / "report" / "report.json").read_text())["figures"]}
+    assert "eval_retrieval" in names and "eval_average" not in names  # its mean is the line above

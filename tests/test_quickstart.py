@@ -119,7 +119,8 @@ def test_runs_the_whole_loop_and_ends_with_the_export(finished_run):
     (evaluation,) = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert evaluation["step"] == 4 and evaluation["eval/ndcg@10"] == pytest.approx(record["trained"]["ndcg@10"],
                                                                                  abs=1e-6)
-    assert {"negatives.png", "eval_ndcg_10.png"} <= {p.name for p in (run_dir / "report").iterdir()}
+    assert evaluation["category"] == "retrieval" and evaluation["main_score"] == evaluation["eval/ndcg@10"]
+    assert {"negatives.png", "eval_retrieval.png"} <= {p.name for p in (run_dir / "report").iterdir()}
 
 
 def test_the_sidecar_ran_beside_the_trainer_and_stopped_cleanly(finished_run):
