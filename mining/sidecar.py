@@ -133,8 +133,13 @@ def run_sidecar(config: SidecarConfig) -> int:
     for name in store.cleanup_tmp():
         log.info("removed a killed writer's temporary directory %s", name)
 
+    stop_signals: list[str] = []
+
     def stop(signum, _frame):
-        raise _Stop(signal.Signals(signum).name)
+        # Raised to end a pass midway; also remembered, because an exception raised while a finalizer
+        # (__del__, a weakref callback) runs is printed and dropped by Python, and the loop must still end.
+        stop_signals.append(signal.Signals(signum).name)
+        raise _Stop(stop_signals[-1])
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     published = 0
@@ -143,6 +148,8 @@ def run_sidecar(config: SidecarConfig) -> int:
         log.info("sidecar watching %s/exports (every %d export(s), poll %.1f s)", run_dir, config.every,
                  config.poll_seconds)
         while True:
+            if stop_signals:
+                raise _Stop(stop_signals[0])
             if config.stop_when_finished and run_finished(run_dir):
                 log.info("the run is finished; sidecar stops")
                 break

@@ -79,6 +79,13 @@ def _wait_for(condition, what: str, trainer, timeout: float = TIMEOUT):
     raise AssertionError(f"timed out waiting for {what}:\n{_log(trainer)}")
 
 
+def _wait_exit(process, what: str) -> int:
+    try:
+        return process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"timed out waiting for {what}:\n{_log(process)}") from None
+
+
 def _versions(records: list[dict]) -> list[int]:
     return sorted({r["negatives_version"][TASK] for r in records})
 
@@ -142,7 +149,7 @@ def test_trainer_and_sidecar_as_one_loop(scifact_dir, tiny_bert_dir, tmp_path, p
     # Stop the sidecar first and let the trainer adopt whatever it published last, so that the
     # checkpoint holds the newest version.
     processes.started[-1].send_signal(signal.SIGTERM)
-    processes.started[-1].wait(timeout=TIMEOUT)
+    _wait_exit(processes.started[-1], "the sidecar's exit after SIGTERM")
     newest = NegativeStore(run).latest_version()
     _wait_for(lambda: read_metrics(run)[-1]["negatives_version"][TASK] == newest, "the newest version", trainer)
     # A few steps with it, so that the checkpoint holds scores observed since the adoption reset them.

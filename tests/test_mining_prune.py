@@ -133,3 +133,39 @@ def test_sidecar_removes_old_versions_and_cache_entries_after_each_pass(scifact_
     assert "removed negatives v000002" in caplog.text and "removed negatives v000003" in caplog.text
     # Five models were mined with; the cache keeps the entries of the newest two.
     assert len([p for p in (run / "mining" / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_sidecar_stops_after_a_signal_whose_exception_a_finalizer_dropped(scifact_dir, tiny_bert_dir, tmp_path,
+                                                                         monkeypatch):
+    """A SIGTERM that lands while a __del__ runs has its exception printed and dropped by Python: the
+    sidecar must still stop (at the top of its loop) instead of mining on until it is killed."""
+    import os
+    import signal
+
+    import mining.job
+
+    corpus, pairs = scifact_slice(scifact_dir, tmp_path / "data")
+    run = tmp_path / "run"
+    save_spec(MiningSpec(corpus=str(corpus), pairs=str(pairs), k=20, positive_margin=None, block_rows=64), run)
+    for step in (10, 20, 30):
+        publish_export(run, step, lambda tmp: shutil.copytree(tiny_bert_dir, tmp, dirs_exist_ok=True))
+    passes = []
+
+    def mine_then_lose_the_signal(*_args, model_step, **_kwargs):
+        passes.append(model_step)
+        if len(passes) > 3:
+            raise AssertionError(f"the sidecar went on mining after SIGTERM: {passes}")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, as it would inside a finalizer
+        except BaseException:  # what Python does with an exception raised in __del__
+            pass
+
+    def sleep(_seconds):
+        raise AssertionError("the sidecar went on polling after SIGTERM")
+
+    monkeypatch.setattr(mining.job, "mine", mine_then_lose_the_signal)
+    monkeypatch.setattr(mining.sidecar, "time", types.SimpleNamespace(sleep=sleep))
+    previous = signal.getsignal(signal.SIGTERM)
+    assert run_sidecar(SidecarConfig(run, poll_seconds=0.01, every=1, show_progress=False)) == 1
+    assert passes == [30]  # the newest export, once
+    assert signal.getsignal(signal.SIGTERM) is previous
