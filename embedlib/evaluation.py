@@ -266,12 +266,18 @@ def _check_sts_scores(pairs: list[ScoredPair], where: str = "") -> None:
         raise EvaluationError(f"{where}{what}; Spearman's correlation needs at least two different scores")
 
 
-def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True, dtype=None) -> dict[str, float]:
+def evaluate_sts(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True, dtype=None,
+                 per_pair: bool = False) -> dict:
+    """{"spearman", "num_pairs"}; per_pair: also "per_pair_cosine", each pair's cosine in file order (for
+    paired bootstrap comparisons of two models, bench/ablation.py)."""
     _check_sts_scores(pairs)
     first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     cosine = np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
-    return {"spearman": spearman(cosine, np.array([p.score for p in pairs], dtype=np.float64)), "num_pairs": len(pairs)}
+    metrics = {"spearman": spearman(cosine, np.array([p.score for p in pairs], dtype=np.float64)), "num_pairs": len(pairs)}
+    if per_pair:
+        metrics["per_pair_cosine"] = [float(c) for c in cosine]
+    return metrics
 
 
 def _cosine(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -332,15 +338,19 @@ def _check_pair_labels(pairs: list[ScoredPair], where: str = "") -> None:
 
 
 def evaluate_pair_classification(encoder, pairs: list[ScoredPair], *, batch_size: int = 64, show_progress: bool = True,
-                                 dtype=None) -> dict[str, float]:
+                                 dtype=None, per_pair: bool = False) -> dict:
     """{"cosine_ap", "num_pairs", "num_positives"}: the average precision of the pairs' cosine similarity
-    against their 0/1 labels."""
+    against their 0/1 labels; per_pair: also "per_pair_cosine", as evaluate_sts."""
     _check_pair_labels(pairs)
     first = encoder.encode([p.sentence1 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     second = encoder.encode([p.sentence2 for p in pairs], batch_size=batch_size, show_progress=show_progress, dtype=dtype)
     labels = np.array([p.score for p in pairs])
-    return {"cosine_ap": average_precision(_cosine(first, second), labels), "num_pairs": len(pairs),
-            "num_positives": int(labels.sum())}
+    cosine = _cosine(first, second)
+    metrics = {"cosine_ap": average_precision(cosine, labels), "num_pairs": len(pairs),
+               "num_positives": int(labels.sum())}
+    if per_pair:
+        metrics["per_pair_cosine"] = [float(c) for c in cosine]
+    return metrics
 
 
 # ---- classification: a logistic regression on frozen embeddings ------------------------------------------
@@ -569,9 +579,9 @@ def evaluate_set(encoder, spec: EvalSet, data, *, batch_size: int = 64, query_in
                                      encoding=encoding, **options)
         result["encoding"] = encoding
     elif spec.category == "sts":
-        metrics = evaluate_sts(encoder, data, **options)
+        metrics = evaluate_sts(encoder, data, per_pair=per_query, **options)
     elif spec.category == "pair_classification":
-        metrics = evaluate_pair_classification(encoder, data, **options)
+        metrics = evaluate_pair_classification(encoder, data, per_pair=per_query, **options)
     else:
         metrics = evaluate_classification(encoder, data, samples_per_label=spec.samples_per_label, **options)
     return {**result, "metrics": metrics, "main_score": metrics[MAIN_METRIC[spec.category]]}
@@ -693,7 +703,8 @@ def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: 
     category's name ({"retrieval": {...}, "encoding": {...}} for beir, {"sts": {...}}, ...).
 
     max_length: tokens per text (None: what the model directory says), the same for queries and passages.
-    per_query: the retrieval figures also hold each query's (see `ranking_metrics`).
+    per_query: the retrieval figures also hold each query's (see `ranking_metrics`), the STS and pair-classification
+               figures each pair's cosine ("per_pair_cosine", in file order).
     cache_dir: the embedding cache to read the corpus embeddings from and add them to (a run's is
     RUN/mining/cache); afterwards its least recently used entries beyond cache_max_gb (None: no bound)
     are removed. "encoding" says what encoding a retrieval evaluation did.
@@ -806,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
     parser.add_argument("--dtype", choices=ENCODE_DTYPES, default="auto",
                         help="compute dtype of encoding (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--per-query", action="store_true", help="also report each query's retrieval figures")
+    parser.add_argument("--per-query", action="store_true", help="also report each query's retrieval figures and each pair's cosine "
+                                                         "(STS, pair classification): for paired comparisons")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="embedding cache shared with mining (a run's: RUN/mining/cache): corpus embeddings "
                              "of this model found there are not encoded again, and new ones are added")
@@ -820,8 +832,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.beir or args.sts or args.pairs or args.classification or args.sets):
             raise _UsageError("give --beir DIR, --sts FILE, --pairs FILE, --classification TRAIN TEST "
                               "and/or --sets FILE")
-        if args.per_query and not args.beir and not args.sets:
-            raise _UsageError("--per-query needs --beir (it adds each query's retrieval figures)")
+        if args.per_query and not (args.beir or args.sets or args.sts or args.pairs):
+            raise _UsageError("--per-query needs --beir, --sts, --pairs or --sets (it adds each query's retrieval "
+                              "figures and each pair's cosine)")
         if args.batch_size < 1:
             raise _UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.max_length is not None and args.max_length < 2:

@@ -212,7 +212,6 @@ OPTION_CASES = {
                      "--max-length must be at least 2 (a text between its two special tokens), got 1"),
     # argparse's own message; how it quotes the choices differs between Python versions
     "unknown dtype": (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8' (choose from ..."),
-    "per-query without beir": (["--per-query"], "--per-query needs --beir (it adds each query's retrieval figures)"),
     "negative cache bound": (["--cache-max-gb", "-1"], "--cache-max-gb must be >= 0 and finite, got -1.0"),
     "cache bound not a number": (["--cache-max-gb", "big"], "argument --cache-max-gb: invalid off_or_float value: 'big'"),
 }
@@ -226,6 +225,13 @@ def test_bad_option_is_one_line(case, capsys, tiny_bert_dir, sts, output, no_mod
         assert line.startswith(f"error: {message[:-3]}")
     else:
         assert line == f"error: {message}"
+
+
+def test_per_query_without_a_set_it_applies_to(capsys, tiny_bert_dir, sts, output, no_model_load):
+    line = run_failing(capsys, ["--model", str(tiny_bert_dir), "--classification", str(sts), str(sts), "--per-query"],
+                       output)
+    assert line == ("error: --per-query needs --beir, --sts, --pairs or --sets (it adds each query's retrieval "
+                    "figures and each pair's cosine)")
 
 
 def test_cache_dir_under_a_file(capsys, tiny_bert_dir, beir, tmp_path, output, no_model_load):

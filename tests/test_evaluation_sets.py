@@ -190,6 +190,24 @@ def test_a_list_of_sets_through_evaluate_model(tmp_path, tiny_bert_dir):
     assert flagged["categories"]["sts"] == results["categories"]["sts"]
 
 
+def test_per_query_gives_each_pairs_cosine_and_the_figures_follow_from_them(tmp_path, tiny_bert_dir):
+    """What a paired bootstrap over pairs resamples (bench/ablation.py): each pair's cosine, in file order,
+    from which the set's own figure is recomputed exactly."""
+    from embedlib.evaluation import average_precision, read_pair_labels, read_sts, spearman
+
+    files = write_sets_data(tmp_path / "data")
+    results = evaluate_model(tiny_bert_dir, sets=four_sets(files), max_length=32, show_progress=False, per_query=True)
+    sts, pairs = results["sets"][1]["metrics"], results["sets"][2]["metrics"]
+    sts_labels = np.array([p.score for p in read_sts(files["sts"])])
+    pair_labels = np.array([p.score for p in read_pair_labels(files["pairs"])])
+    assert len(sts["per_pair_cosine"]) == len(sts_labels) and len(pairs["per_pair_cosine"]) == len(pair_labels)
+    assert spearman(np.array(sts["per_pair_cosine"]), sts_labels) == pytest.approx(sts["spearman"], abs=1e-12)
+    assert average_precision(np.array(pairs["per_pair_cosine"]), pair_labels) == pytest.approx(pairs["cosine_ap"],
+                                                                                               abs=1e-12)
+    assert "per_pair_cosine" not in evaluate_model(tiny_bert_dir, sets=four_sets(files)[1:2], max_length=32,
+                                                   show_progress=False)["sets"][0]["metrics"]
+
+
 def test_sets_file_and_its_errors(tmp_path):
     path = tmp_path / "sets.yaml"
     path.write_text("- {name: a, category: sts, path: s.tsv}\n"
