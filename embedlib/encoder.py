@@ -69,7 +69,7 @@ _LEGACY_POOLING = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 # Files of a model directory that are not part of the model's identity (model_fingerprint).
-_NOT_MODEL_FILES = {"export.json", "README.md"}
+_NOT_MODEL_FILES = {"export.json", "README.md", "merge.json"}
 
 
 class EncoderError(ValueError):
@@ -670,8 +670,8 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     """sha256 hex over the relative names, sizes and contents of a model directory's files.
 
     Every file counts (weights, configs, tokenizer) except hidden files and the files that do not
-    change the model (export.json with its timestamp, README.md), so two copies of one export agree
-    and any changed weight changes the fingerprint. Reads every byte: ~1 s per GB.
+    change the model (export.json with its timestamp, README.md, a merge's merge.json), so two copies of
+    one export agree and any changed weight changes the fingerprint. Reads every byte: ~1 s per GB.
     """
     root = Path(path)
     if not root.is_dir():

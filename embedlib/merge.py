@@ -1,0 +1,759 @@
+"""Merging models of one architecture and tokenizer into one export: model soups and slerp.
+
+    python -m embedlib.merge --output DIR A B C                       uniform linear average (model soup)
+    python -m embedlib.merge --output DIR --weights 0.2,0.3,0.5 A B C weighted linear average
+    python -m embedlib.merge --output DIR --method slerp --t 0.3 A B  slerp from A (t=0) to B (t=1)
+    python -m embedlib.merge --output DIR --method slerp A B C        slerp folded pairwise in the given order
+    python -m embedlib.merge --output DIR --run RUN --best-k 3 --metric eval/ndcg@10 --set scifact
+    python -m embedlib.merge --output DIR --run RUN --greedy          greedy soup on the run's dev sets
+
+Sources are model directories (exports of one run or of several, or any model directories) or, with
+`--run RUN`, the run's exports still on disk that eval.jsonl has a figure for: `--metric` (an eval.jsonl
+key: main_score, the default, or eval/<name>) of `--set` (needed when the rows name several sets),
+best first (a tie: the later step first); `--best-k K` keeps the best K. A LoRA run's exports hold the
+merged weights, which are what is merged (the adapter/ directory of such an export is not copied: it
+would not describe the merge).
+
+Methods, per tensor, computed in float64 and written in the sources' dtype:
+- linear: sum_i w_i x_i with the weights normalised to sum 1 (uniform without --weights;
+  --weights-from-scores: proportional to the sources' eval.jsonl figures, w_i = s_i / sum_j s_j, which
+  must all be positive).
+- slerp (two sources, --t): the direction of the flattened tensor is interpolated on the sphere and its
+  norm linearly, slerp(a, b, t) = ((1 - t)|a| + t|b|) (sin((1 - t)θ) â + sin(tθ) b̂) / sin θ, so the norm
+  is always between the two norms (mergekit's slerp of the unnormalised vectors is not, for wide angles).
+  t = 0 and t = 1 give the endpoints exactly. Where the two are (nearly) parallel or antiparallel
+  (|cos θ| > 1 - 1e-8) or a norm is 0, the linear (1 - t) a + t b is used.
+- slerp of n sources: folded pairwise in the order given (with --run: best first),
+  m_1 = x_1, m_i = slerp(m_{i-1}, x_i, t_i) with t_i = w_i / (w_1 + ... + w_i), i = 2..n, which is the
+  weighted (uniform: t_i = 1/i) average in the linear limit; intermediate results stay in float64.
+- greedy soup (Wortsman et al., 2022; --greedy, with --run): the run's exports in score order; the
+  best alone starts the soup, and each next one joins it only if the dev figure (--metric of --set,
+  computed with embedlib.evaluation) of the uniform average with it does not fall.
+A tensor equal in all sources is written back unchanged (an average of identical models is bit for bit
+the model, whatever the weights). Tensors that are not floating point (position-id buffers) must be
+equal in all sources.
+
+Dev figures: when there are evaluation sets (`--sets FILE`, else with --run the run's evaluation.beir
+and evaluation.sets with its evaluation.max_length and batch size) every source and the merge are
+evaluated on them (embedlib.evaluation, no embedding cache, the default compute dtype), unless
+--no-eval. The selection figures of eval.jsonl are recorded beside them.
+
+Refused, one line `error: ...`, exit status 2, before anything is written (the output not even
+created): sources whose files other than weights differ (config.json: architecture, sizes; the
+tokenizer files; modules.json: projection and normalisation; the pooling; the max length; the prompts,
+i.e. instructions; compared as parsed JSON, version stamps aside), whose weight files, tensor names,
+shapes or dtypes differ, or whose non-float tensors differ; weights that are not one per source,
+negative, not finite or all 0; t outside [0, 1]; --t with other than two sources; slerp of one source;
+an output that exists.
+
+Output: an ordinary model directory (the first source's non-weight files, the merged safetensors) that
+sentence-transformers, transformers, Encoder.from_pretrained, the miner and embedlib.evaluation load,
+plus merge.json (sources with path, fingerprint, run and step, score; method, weights, t; the dev
+figures of the sources and the merge) and README.md, a short model card of the same. It is written in
+OUTPUT's parent as `.tmp-merge-<name>-<pid>-<hex>` and published by an atomic rename: a merge killed at
+any moment leaves no OUTPUT, only that directory, which the next merge to the same OUTPUT removes once
+its process is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from embedlib.atomic import atomic_write_bytes, atomic_write_json, publish_dir
+from embedlib.evaluation import (EvalSet, EvaluationError, category_means, check_set, check_set_names, evaluate_set,
+                                 flag_sets, load_set, read_sets)
+from embedlib.exports import MARKER, list_exports, read_export_marker
+from embedlib.records import RecordError
+from embedlib.rundir import EXPORTS, utc_now
+from embedlib.runlog import RunLogError, read_config, read_run
+
+MERGE_JSON = "merge.json"
+README = "README.md"
+# Files of a source that are not copied: its export marker and card describe it, not the merge.
+_NOT_COPIED = {MARKER, README, MERGE_JSON}
+# A LoRA export's adapter alone (training/lora.py): the merged weights are the model; the adapter is not.
+_NOT_COPIED_DIRS = {"adapter"}
+# Top-level JSON keys that stamp versions or origins, not the model.
+_STAMPS = {"transformers_version", "__version__", "_name_or_path", "_commit_hash"}
+# The figures each category's evaluation gives (embedlib.evaluation), what --metric eval/<name> may name.
+_FIGURES = {"retrieval": ("ndcg@10", "mrr@10", "recall@10", "recall@100"), "sts": ("spearman",),
+            "pair_classification": ("cosine_ap",), "classification": ("accuracy",)}
+_PARALLEL = 1e-8  # |cos| above 1 - this: slerp falls back to linear
+TMP_PREFIX = ".tmp-merge-"
+# Seconds to sleep after everything is written and before the rename (for the test of a kill mid-write).
+PAUSE_ENV = "EMBEDLIB_MERGE_PAUSE_S"
+
+
+class MergeError(ValueError):
+    """Sources that cannot be merged, or a bad option: one line naming the file or option."""
+
+
+@dataclass
+class Source:
+    """A model directory to merge, and what the run says of it when it is a run's export."""
+
+    path: Path
+    run: Path | None = None
+    step: int | None = None
+    score: float | None = None  # the selection figure (--metric of --set) in the run's eval.jsonl
+
+
+@dataclass
+class ModelFiles:
+    """What a model directory holds: its safetensors files (relative path -> tensor name -> (dtype,
+    shape)) and the other files, all relative paths."""
+
+    weights: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    other: list[str]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """method: "linear" or "slerp". weights: one per source, normalised to sum 1 (slerp: the weights
+    of the linear limit). fold: slerp's t for each of sources[1:], in order (module docstring)."""
+
+    method: str
+    weights: tuple[float, ...]
+    fold: tuple[float, ...] = ()
+
+
+# ---- the sources --------------------------------------------------------------------------------------
+
+
+def model_files(root: Path) -> ModelFiles:
+    """The files of a model directory, hidden ones, the not-copied ones and adapter/ left out; the
+    tensors of every safetensors file read from its header (no weight is loaded)."""
+    if not root.is_dir():
+        raise MergeError(f"{root}: {'not a directory' if root.exists() else 'no such directory'} "
+                         "(expected a model directory)")
+    weights, other = {}, []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in _NOT_COPIED_DIRS \
+                or rel.as_posix() in _NOT_COPIED:
+            continue
+        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise MergeError(f"{path}: pickled weights are not read; merge models saved as safetensors")
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    weights[rel.as_posix()] = {name: (f.get_slice(name).get_dtype(),
+                                                      tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+            except Exception as e:  # safetensors raises its own error types for a damaged header
+                raise MergeError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        else:
+            other.append(rel.as_posix())
+    if "config.json" not in other or not weights:
+        raise MergeError(f"{root}: not a model directory (needs config.json and safetensors weights)")
+    return ModelFiles(weights=weights, other=other)
+
+
+def _what(rel: str) -> str:
+    """What a differing file means, for the refusal."""
+    name = rel.rsplit("/", 1)[-1]
+    if rel == "config.json":
+        return "architecture"
+    if name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece")) \
+            or name.endswith(".model"):
+        return "tokenizer"
+    if "Pooling" in rel:
+        return "pooling"
+    if "Dense" in rel:
+        return "projection"
+    if "Normalize" in rel:
+        return "normalisation"
+    if rel == "modules.json":
+        return "modules: projection, normalisation"
+    if rel == "config_sentence_transformers.json":
+        return "prompts, i.e. instructions"
+    if rel == "sentence_bert_config.json":
+        return "max sequence length"
+    return "model files"
+
+
+def _difference(a, b, path: str = ""):
+    """(field, value in a, value in b) of the first difference of two parsed JSON values, or None; version
+    stamps at the top level are not compared."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if not path and key in _STAMPS:
+                continue
+            if key not in a or key not in b:
+                return f"{path}{key}", a.get(key, "(absent)"), b.get(key, "(absent)")
+            found = _difference(a[key], b[key], f"{path}{key}.")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _difference(x, y, f"{path}{i}.")
+            if found:
+                return found
+        return None
+    return None if a == b and type(a) is type(b) else (path.rstrip(".") or "(the whole file)", a, b)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) or value != "(absent)" else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_compatible(sources: list[Source]) -> ModelFiles:
+    """The first source's files, once every source has the same files (non-weight ones equal as parsed JSON
+    or byte for byte), tensors (names, shapes, dtypes) and non-float tensor values; MergeError otherwise."""
+    first = sources[0].path
+    files = model_files(first)
+    for source in sources[1:]:
+        theirs = model_files(source.path)
+        for mine, other, kind in ((files.other, theirs.other, "file"), (list(files.weights), list(theirs.weights),
+                                                                        "weight file")):
+            missing = sorted(set(mine) ^ set(other))
+            if missing:
+                holder = first if missing[0] in mine else source.path
+                raise MergeError(f"{source.path}: {kind} {missing[0]} ({_what(missing[0])}) is only in {holder}; "
+                                 "merged models must have the same files")
+        for rel in sorted(files.other, key=lambda r: r != "config.json"):  # the architecture is named first
+            a, b = (first / rel).read_bytes(), (source.path / rel).read_bytes()
+            if a == b:
+                continue
+            if rel.endswith(".json"):
+                try:
+                    found = _difference(json.loads(a), json.loads(b))
+                except ValueError as e:
+                    raise MergeError(f"{source.path / rel}: not valid JSON ({e})") from None
+                if found:
+                    name, x, y = found
+                    raise MergeError(f"{source.path / rel}: field '{name}' is {_short(y)}, {_short(x)} in {first} "
+                                     f"(different {_what(rel)}); merged models must agree")
+            else:
+                raise MergeError(f"{source.path / rel}: differs from {first / rel} (different {_what(rel)}); "
+                                 "merged models must agree")
+        for rel, tensors in files.weights.items():
+            other = theirs.weights[rel]
+            names = sorted(set(tensors) ^ set(other))
+            if names:
+                holder = first if names[0] in tensors else source.path
+                raise MergeError(f"{source.path / rel}: tensor {names[0]!r} is only in {holder}; merged models "
+                                 "must have the same tensors")
+            for name, (dtype, shape) in tensors.items():
+                if other[name] != (dtype, shape):
+                    raise MergeError(f"{source.path / rel}: tensor {name!r} is {other[name][0]} {list(other[name][1])}, "
+                                     f"{dtype} {list(shape)} in {first}; merged models must have the same shapes "
+                                     "and dtypes")
+    _check_non_float_tensors(sources, files)
+    return files
+
+
+def _check_non_float_tensors(sources: list[Source], files: ModelFiles) -> None:
+    """Buffers such as position ids cannot be averaged: they must be equal in every source."""
+    for rel, tensors in files.weights.items():
+        names = [n for n, (dtype, _) in tensors.items() if not _is_float(dtype)]
+        if not names:
+            continue
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(s.path / rel), framework="pt")) for s in sources]
+            for name in names:
+                reference = handles[0].get_tensor(name)
+                for source, handle in zip(sources[1:], handles[1:]):
+                    if not torch.equal(reference, handle.get_tensor(name)):
+                        raise MergeError(f"{source.path / rel}: tensor {name!r} ({tensors[name][0]}, not floating "
+                                         f"point) differs from {sources[0].path}'s; it cannot be averaged")
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("F", "BF"))  # safetensors' names: F16, BF16, F32, F64, F8_E4M3, ...
+
+
+def source_of(path: Path) -> Source:
+    """A model directory as a source; a run's export (RUN/exports/step_*, with its marker) knows its run
+    and step."""
+    source = Source(path=path)
+    if (path / MARKER).is_file() and path.parent.name == EXPORTS:
+        try:
+            step = read_export_marker(path).get("step")
+        except (OSError, ValueError):
+            step = None
+        if isinstance(step, int):
+            source.run, source.step = path.parent.parent, step
+    return source
+
+
+def select_from_run(run: Path, metric: str, set_name: str | None, best_k: int | None) -> list[Source]:
+    """The run's exports on disk with an eval.jsonl figure `metric` of set `set_name`, best first (a tie:
+    the later step first), the best `best_k` of them (None: all)."""
+    if not run.is_dir():
+        raise MergeError(f"--run {run}: {'not a directory' if run.exists() else 'no such directory'}")
+    try:
+        rows = read_run(run).evals
+    except RunLogError as e:
+        raise MergeError(str(e)) from None
+    if not rows:
+        raise MergeError(f"--run {run}: eval.jsonl has no evaluation records to select exports by")
+    sets = list(dict.fromkeys(r.get("set") for r in rows))
+    if set_name is None:
+        if len(sets) > 1:
+            raise MergeError(f"--run {run}: eval.jsonl has the sets {', '.join(map(str, sets))}; choose one with --set")
+        set_name = sets[0]
+    elif set_name not in sets:
+        raise MergeError(f"--set {set_name}: not a set of {run}/eval.jsonl (its sets: {', '.join(map(str, sets))})")
+    rows = [r for r in rows if r.get("set") == set_name]
+    scores = {r["step"]: float(r[metric]) for r in rows
+              if isinstance(r.get(metric), (int, float)) and not isinstance(r[metric], bool) and math.isfinite(r[metric])}
+    if not scores:
+        keys = sorted({k for r in rows for k in r if k == "main_score" or k.startswith("eval/")})
+        raise MergeError(f"--metric {metric}: no record of {run}/eval.jsonl has it (it has: {', '.join(keys)})")
+    exports = [e for e in list_exports(run) if e.step in scores]
+    if not exports:
+        raise MergeError(f"--run {run}: none of the evaluated exports (steps {', '.join(map(str, sorted(scores)))}) "
+                         "is still on disk")
+    exports.sort(key=lambda e: (-scores[e.step], -e.step))
+    if best_k is not None:
+        if best_k > len(exports):
+            raise MergeError(f"--best-k {best_k}: only {len(exports)} evaluated exports of {run} are on disk")
+        exports = exports[:best_k]
+    return [Source(path=e.path, run=run, step=e.step, score=scores[e.step]) for e in exports]
+
+
+# ---- the plan -----------------------------------------------------------------------------------------
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise MergeError(f"--weights {text}: expected numbers separated by commas, e.g. 0.2,0.3,0.5") from None
+    return weights
+
+
+def make_plan(method: str, n: int, weights: list[float] | None = None, t: float | None = None) -> MergePlan:
+    """The normalised weights and slerp's folds of `method` over n sources; MergeError for what cannot be."""
+    if method not in ("linear", "slerp"):
+        raise MergeError(f"--method {method}: expected linear or slerp")
+    if t is not None:
+        if method != "slerp":
+            raise MergeError("--t applies to --method slerp only")
+        if weights is not None:
+            raise MergeError("--t and --weights both give the weights: give one")
+        if not (math.isfinite(t) and 0 <= t <= 1):
+            raise MergeError(f"--t {t:g}: must be between 0 and 1")
+        if n != 2:
+            raise MergeError(f"--t needs exactly two sources (slerp from the first to the second), got {n}")
+        return MergePlan("slerp", (1 - t, t), (t,))
+    if method == "slerp" and n < 2:
+        raise MergeError(f"slerp needs at least two sources, got {n}")
+    if weights is None:
+        weights = [1.0] * n
+    if len(weights) != n:
+        raise MergeError(f"--weights: {len(weights)} weights for {n} sources; give one per source")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"--weights: {weights}: every weight must be a finite number")
+    if any(w < 0 for w in weights):
+        raise MergeError(f"--weights: {weights}: negative weights are not allowed")
+    if method == "slerp" and any(w == 0 for w in weights):
+        raise MergeError(f"--weights: {weights}: slerp needs positive weights (drop a source of weight 0)")
+    total = math.fsum(weights)
+    if total == 0:
+        raise MergeError(f"--weights: {weights}: they sum to 0")
+    normalised = tuple(w / total for w in weights)
+    if method == "linear":
+        return MergePlan("linear", normalised)
+    fold = tuple(weights[i] / math.fsum(weights[: i + 1]) for i in range(1, n))
+    return MergePlan("slerp", normalised, fold)
+
+
+# ---- the arithmetic -----------------------------------------------------------------------------------
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of the flattened tensors' directions, linear of their norms (docstring)."""
+    if t == 0:
+        return a
+    if t == 1:
+        return b
+    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if norm_a == 0 or norm_b == 0:
+        return (1 - t) * a + t * b
+    cos = torch.clamp(torch.dot(a.flatten(), b.flatten()) / (norm_a * norm_b), -1.0, 1.0)
+    if abs(float(cos)) > 1 - _PARALLEL:
+        return (1 - t) * a + t * b
+    theta = torch.arccos(cos)
+    direction = (torch.sin((1 - t) * theta) * (a / norm_a) + torch.sin(t * theta) * (b / norm_b)) / torch.sin(theta)
+    return ((1 - t) * norm_a + t * norm_b) * direction
+
+
+def merge_tensors(tensors: list[torch.Tensor], plan: MergePlan) -> torch.Tensor:
+    """One tensor of every source -> the merged tensor, in the sources' dtype."""
+    first = tensors[0]
+    if not first.is_floating_point() or all(torch.equal(first, x) for x in tensors[1:]):
+        return first  # identical sources give themselves back exactly; non-float ones were checked equal
+    wide = [x.to(torch.float64) for x in tensors]
+    if plan.method == "linear":
+        merged = torch.zeros_like(wide[0])
+        for weight, x in zip(plan.weights, wide):
+            merged += weight * x
+    else:
+        merged = wide[0]
+        for t, x in zip(plan.fold, wide[1:]):
+            merged = slerp(merged, x, t)
+    return merged.to(first.dtype).contiguous()
+
+
+def write_model(directory: Path, sources: list[Source], files: ModelFiles, plan: MergePlan) -> None:
+    """The merged model into `directory`: the first source's other files, each safetensors file merged
+    tensor by tensor (one tensor of each source in memory at a time besides the file's result)."""
+    for rel in files.other:
+        target = directory / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sources[0].path / rel, target)
+    for rel, tensors in files.weights.items():
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(s.path / rel), framework="pt")) for s in sources]
+            merged = {name: merge_tensors([h.get_tensor(name) for h in handles], plan) for name in tensors}
+            metadata = handles[0].metadata()
+        target = directory / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(merged, str(target), metadata=metadata)
+
+
+# ---- dev figures --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DevSets:
+    """The evaluation sets the sources and the merge are measured on, loaded once, and how."""
+
+    sets: list[EvalSet]
+    data: list
+    batch_size: int = 64
+    max_length: int | None = None
+    query_instruction: str = ""
+    # The figure greedy soups compare: --metric ("main_score" or "eval/<name>") of the set named here.
+    metric: str = "main_score"
+    set_name: str | None = None
+
+    def figures(self, model_dir: Path) -> dict:
+        """{"sets": {name: {"category", "main_score", <metric>: value, ...}}, "categories", "average"}."""
+        from embedlib.encoder import Encoder
+
+        encoder = Encoder.from_pretrained(model_dir, max_length=self.max_length)
+        results = [evaluate_set(encoder, spec, data, batch_size=self.batch_size, query_instruction=self.query_instruction,
+                                show_progress=False) for spec, data in zip(self.sets, self.data)]
+        sets = {r["set"]: {"category": r["category"], "main_score": r["main_score"],
+                           **{k: v for k, v in r["metrics"].items() if not k.startswith("num_")}} for r in results}
+        return {"sets": sets, **category_means(results)}
+
+    def figure(self, figures: dict) -> float:
+        """The selection figure of figures(): --metric of --set."""
+        row = figures["sets"][self.set_name]
+        return float(row[self.metric.removeprefix("eval/")])
+
+
+def run_sets(run: Path) -> tuple[list[EvalSet], dict]:
+    """The sets a run evaluated (its config.yaml: evaluation.beir's first, then evaluation.sets, as the
+    trainer orders them) and the evaluation's batch size, max length and query instruction."""
+    try:
+        config = read_config(run)
+    except RunLogError as e:
+        raise MergeError(str(e)) from None
+    evaluation = config.get("evaluation") or {}
+    try:
+        listed = [EvalSet(**s) for s in evaluation.get("sets") or []]
+    except TypeError as e:
+        raise MergeError(f"{run}/config.yaml: evaluation.sets: {e}") from None
+    sets = flag_sets(beir=evaluation.get("beir") or None, split=evaluation.get("split", "dev"),
+                     taken=tuple(s.name for s in listed)) + listed
+    options = {"batch_size": evaluation.get("batch_size", 64),
+               "max_length": evaluation.get("max_length") or (config.get("model") or {}).get("max_length"),
+               "query_instruction": evaluation.get("query_instruction", "")}
+    return sets, options
+
+
+def greedy_soup(sources: list[Source], files: ModelFiles, dev: DevSets, first_figures: dict,
+                scratch: Path) -> tuple[list[int], list[dict]]:
+    """Wortsman et al.'s greedy soup over sources in score order: the indices kept and, per source, the
+    dev figure of the soup it was tried in and whether it was kept."""
+    kept, best = [0], dev.figure(first_figures)
+    trace = [{"source": 0, "figure": best, "kept": True}]
+    for i in range(1, len(sources)):
+        trial = kept + [i]
+        scratch.mkdir()
+        try:
+            write_model(scratch, [sources[j] for j in trial], files, make_plan("linear", len(trial)))
+            figure = dev.figure(dev.figures(scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        keep = figure >= best
+        trace.append({"source": i, "figure": figure, "kept": keep})
+        if keep:
+            kept, best = trial, figure
+    return kept, trace
+
+
+# ---- the output ---------------------------------------------------------------------------------------
+
+
+def check_output(output: Path) -> None:
+    if output.exists() or output.is_symlink():
+        raise MergeError(f"--output {output}: already exists; a merge never replaces a directory")
+    for existing in output.parents:
+        if existing.exists():
+            if not existing.is_dir():
+                raise MergeError(f"--output {output}: {existing} is not a directory")
+            if not os.access(existing, os.W_OK):
+                raise MergeError(f"--output {output}: {existing} is not writable")
+            return
+
+
+def remove_stale_tmp(output: Path) -> list[str]:
+    """Remove what merges to `output` killed before their rename left (their process is gone)."""
+    pattern = re.compile(rf"^{re.escape(TMP_PREFIX + output.name)}-(\d+)-[0-9a-f]{{8}}(-trial)?$")
+    removed = []
+    for entry in output.parent.iterdir() if output.parent.is_dir() else []:
+        match = pattern.match(entry.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def model_card(output: Path, record: dict) -> str:
+    """The merge's README.md: what was merged, how, and the dev figures."""
+    from embedlib.modelcard import _code, _model_facts, _text, _usage
+
+    model = _model_facts(output)
+    sources = record["sources"]
+    dev = record.get("dev")
+    set_names = list(dev["sets"]) if dev else []
+    front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+             "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "merge"]}
+    how = {"linear": "a weighted linear average of the weights (model soup)",
+           "slerp": "spherical linear interpolation (slerp) of each weight tensor"}[record["method"]]
+    if record.get("greedy"):
+        how = "a greedy soup (Wortsman et al., 2022): a uniform average of the sources that did not lower the dev figure"
+    out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip("\n"), "---", "",
+           f"# A merge of {len(sources)} model{'s' if len(sources) > 1 else ''}", "",
+           f"This is a [sentence-transformers](https://www.SBERT.net) model made with `embedlib.merge` by {how}. "
+           f"It maps texts to a {model['dimension']}-dimensional dense vector space.", "",
+           "## Merge", "", f"* Method: {_text(record['method'])}"
+           + (f", t = {record['t']:g}" if record.get("t") is not None else "")
+           + (", folded pairwise in the order below, t = " + ", ".join(f"{t:.4g}" for t in record["fold"])
+              if record.get("fold") and record.get("t") is None else "")]
+    selection = record.get("selection")
+    if selection:
+        out.append(f"* Selected from the run {_code(selection['run'])} by {_text(selection['metric'])}"
+                   + (f" of {_text(selection['set'])}" if selection.get("set") else "")
+                   + (f", best {selection['best_k']}" if selection.get("best_k") else ""))
+    header = ["#", "Source", "Step", "Fingerprint", "Weight", *[f"{_text(s)} main score" for s in set_names]]
+    out += ["", "| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
+
+    def figures(entry_dev):
+        return [f"{entry_dev['sets'][s]['main_score']:.4f}" if entry_dev else "-" for s in set_names]
+
+    for i, s in enumerate(sources, start=1):
+        out.append("| " + " | ".join([str(i), _code(s["path"]), str(s["step"]) if s["step"] is not None else "-",
+                                      s["fingerprint"][:12], f"{s['weight']:.4f}", *figures(s.get("dev"))]) + " |")
+    out.append("| " + " | ".join(["", "**merge**", "", record["fingerprint"][:12], "1", *figures(dev)]) + " |")
+    if dev is None:
+        out += ["", "The merge was not evaluated (no evaluation sets)."]
+    out += ["", *_usage(model, output), ""]
+    return "\n".join(out)
+
+
+def merge(sources: list[Source], output: Path, plan: MergePlan, files: ModelFiles, *, dev: DevSets | None = None,
+          greedy: bool = False, selection: dict | None = None) -> dict:
+    """Write the merge of `sources` to `output` (checked, compatible) atomically; return merge.json's record."""
+    from embedlib.encoder import model_fingerprint
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output)
+    tmp = output.parent / f"{TMP_PREFIX}{output.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        source_figures = [dev.figures(s.path) for s in sources] if dev else [None] * len(sources)
+        trace = None
+        if greedy:
+            kept, trace = greedy_soup(sources, files, dev, source_figures[0], tmp.with_name(tmp.name + "-trial"))
+            plan = MergePlan("linear", tuple(1 / len(kept) if i in kept else 0.0 for i in range(len(sources))))
+        used = [i for i, w in enumerate(plan.weights) if w > 0 or plan.method == "slerp"]
+        write_model(tmp, [sources[i] for i in used], files,
+                    MergePlan(plan.method, tuple(plan.weights[i] for i in used), plan.fold))
+        record = {
+            "created_at": utc_now(), "method": plan.method, "weights": list(plan.weights),
+            "t": plan.fold[0] if plan.method == "slerp" and len(sources) == 2 else None,
+            "fold": list(plan.fold) if plan.method == "slerp" else None,
+            "selection": selection, "greedy": trace,
+            "sources": [{"path": str(s.path), "fingerprint": model_fingerprint(s.path),
+                         "run": str(s.run) if s.run else None, "step": s.step, "score": s.score, "weight": w,
+                         "dev": f} for s, w, f in zip(sources, plan.weights, source_figures)],
+            "fingerprint": model_fingerprint(tmp),  # merge.json and README.md do not count (model_fingerprint)
+            "dev": dev.figures(tmp) if dev else None,
+        }
+        atomic_write_json(tmp / MERGE_JSON, record)
+        atomic_write_bytes(tmp / README, model_card(tmp, record).encode("utf-8"))
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:
+            print(f"merge: {tmp} written; pausing {pause} s before the rename", file=sys.stderr, flush=True)
+            time.sleep(float(pause))
+        publish_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+# ---- the command --------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line like every other error of the command
+        raise _UsageError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m embedlib.merge",
+                     description="Merge models of one architecture and tokenizer: linear soups, slerp, greedy soups.")
+    parser.add_argument("sources", nargs="*", type=Path, help="model directories (not with --run)")
+    parser.add_argument("--output", required=True, type=Path, help="the merged model's directory (must not exist)")
+    parser.add_argument("--method", default="linear", choices=("linear", "slerp"))
+    parser.add_argument("--weights", help="one weight per source, comma-separated (normalised to sum 1)")
+    parser.add_argument("--t", type=float, help="slerp of two sources: 0 gives the first, 1 the second")
+    parser.add_argument("--run", type=Path, help="merge this run's evaluated exports still on disk")
+    parser.add_argument("--metric", default="main_score", help="with --run: the eval.jsonl figure exports are "
+                                                               "ranked by (main_score or eval/<name>)")
+    parser.add_argument("--set", dest="set_name", help="with --run: the evaluation set of --metric")
+    parser.add_argument("--best-k", type=int, help="with --run: the best K exports")
+    parser.add_argument("--weights-from-scores", action="store_true",
+                        help="with --run: weights proportional to the exports' figures")
+    parser.add_argument("--greedy", action="store_true",
+                        help="with --run: greedy soup, an export joins only if the dev figure does not fall")
+    parser.add_argument("--sets", type=Path, help="evaluation sets (YAML or JSON list, embedlib.evaluation.EvalSet) "
+                                                  "for the dev figures (default with --run: the run's)")
+    parser.add_argument("--no-eval", action="store_true", help="compute no dev figures")
+    parser.add_argument("--batch-size", type=int, default=None, help="of the evaluation (default 64, or the run's)")
+    parser.add_argument("--max-length", type=int, default=None, help="of the evaluation (default: the model's, "
+                                                                     "or the run's)")
+    try:
+        args = parser.parse_args(argv)
+        record = _run(args)
+    except (_UsageError, MergeError, EvaluationError, RecordError) as error:
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": str(args.output), "method": record["method"], "weights": record["weights"],
+                      "dev": record["dev"] and {"sets": {k: v["main_score"] for k, v in record["dev"]["sets"].items()},
+                                                "average": record["dev"]["average"]}}, indent=2))
+    return 0
+
+
+def _run(args) -> dict:
+    selectors = [name for name, given in (("--best-k", args.best_k is not None), ("--greedy", args.greedy),
+                                          ("--weights-from-scores", args.weights_from_scores),
+                                          ("--set", args.set_name is not None),
+                                          ("--metric", args.metric != "main_score")) if given]
+    if args.run is None and selectors:
+        raise MergeError(f"{selectors[0]} selects exports of a run: give --run RUN")
+    if args.run is not None and args.sources:
+        raise MergeError("give model directories or --run RUN, not both")
+    if args.run is None and not args.sources:
+        raise MergeError("nothing to merge: give model directories, or --run RUN")
+    if args.metric != "main_score" and not args.metric.startswith("eval/"):
+        raise MergeError(f"--metric {args.metric}: expected main_score or eval/<name> (an eval.jsonl key)")
+    if args.best_k is not None and args.best_k < 1:
+        raise MergeError(f"--best-k must be at least 1, got {args.best_k}")
+    if args.weights_from_scores and args.weights is not None:
+        raise MergeError("--weights-from-scores and --weights both give the weights: give one")
+    if args.greedy and (args.method != "linear" or args.weights is not None or args.weights_from_scores
+                        or args.t is not None):
+        raise MergeError("--greedy makes a uniform linear soup: it takes no --method slerp, --weights or --t")
+    if args.greedy and args.no_eval:
+        raise MergeError("--greedy needs the dev figures that --no-eval turns off")
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < (1 if name == "batch_size" else 2):
+            raise MergeError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+
+    selection = None
+    if args.run is not None:
+        sources = select_from_run(args.run, args.metric, args.set_name, args.best_k)
+        set_name = args.set_name if args.set_name is not None else _only_set(args.run)
+        selection = {"run": str(args.run), "metric": args.metric, "set": set_name, "best_k": args.best_k,
+                     "weights_from_scores": "proportional" if args.weights_from_scores else None}
+    else:
+        sources = [source_of(p) for p in args.sources]
+        set_name = None
+    if len(sources) < 2 and not args.greedy:
+        raise MergeError(f"a merge needs at least two sources, got {len(sources)}")
+    files = check_compatible(sources)
+
+    weights = parse_weights(args.weights) if args.weights is not None else None
+    if args.weights_from_scores:
+        weights = [s.score for s in sources]
+        if any(w <= 0 for w in weights):
+            raise MergeError(f"--weights-from-scores: the figures {weights} are not all positive; proportional "
+                             "weights need positive scores")
+    plan = make_plan(args.method, len(sources), weights, args.t)
+
+    dev = None
+    if not args.no_eval:
+        if args.sets is not None:
+            sets, options = read_sets(args.sets), {}
+        elif args.run is not None:
+            sets, options = run_sets(args.run)
+        else:
+            sets, options = [], {}
+        for spec in sets:
+            check_set(spec, f"set {spec.name!r}: ")
+        check_set_names(sets)
+        if args.batch_size is not None:
+            options["batch_size"] = args.batch_size
+        if args.max_length is not None:
+            options["max_length"] = args.max_length
+        if sets:
+            dev = DevSets(sets=sets, data=[load_set(s) for s in sets], metric=args.metric, set_name=set_name, **options)
+    if args.greedy:
+        if dev is None:
+            raise MergeError(f"--greedy needs evaluation sets: give --sets FILE ({args.run}/config.yaml has none)")
+        spec = next((s for s in dev.sets if s.name == dev.set_name), None)
+        if spec is None:
+            raise MergeError(f"--greedy: the set {dev.set_name!r} of --metric is not among the evaluation sets "
+                             f"({', '.join(s.name for s in dev.sets)})")
+        if args.metric != "main_score" and args.metric.removeprefix("eval/") not in _FIGURES[spec.category]:
+            raise MergeError(f"--greedy: --metric {args.metric} is not a figure of the {spec.category} set "
+                             f"{spec.name!r} ({', '.join('eval/' + f for f in _FIGURES[spec.category])})")
+    check_output(args.output)
+    return merge(sources, args.output, plan, files, dev=dev, greedy=args.greedy, selection=selection)
+
+
+def _only_set(run: Path) -> str | None:
+    """The one set name of a run's eval.jsonl (select_from_run has refused several)."""
+    return next((r.get("set") for r in read_run(run).evals), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
