@@ -12,7 +12,8 @@ Sources are model directories (exports of one run or of several, or any model di
 key: main_score, the default, or eval/<name>) of `--set` (needed when the rows name several sets),
 best first (a tie: the later step first); `--best-k K` keeps the best K. A LoRA run's exports hold the
 merged weights, which are what is merged (the adapter/ directory of such an export is not copied: it
-would not describe the merge).
+would not describe the merge). `package:<name>` is an installed package's model. Only safetensors
+weights are read; weights in other formats (pytorch_model.bin, onnx/, ...) are neither read nor copied.
 
 Methods, per tensor, computed in float64 and written in the sources' dtype:
 - linear: sum_i w_i x_i with the weights normalised to sum 1 (uniform without --weights;
@@ -87,7 +88,9 @@ README = "README.md"
 # Files of a source that are not copied: its export marker and card describe it, not the merge.
 _NOT_COPIED = {MARKER, README, MERGE_JSON}
 # A LoRA export's adapter alone (training/lora.py): the merged weights are the model; the adapter is not.
-_NOT_COPIED_DIRS = {"adapter"}
+# A hub model's weights in other formats would be the first source's, not the merge's.
+_NOT_COPIED_DIRS = {"adapter", "onnx", "openvino"}
+_OTHER_FORMATS = {".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".gguf"}
 # Top-level JSON keys that stamp versions or origins, not the model.
 _STAMPS = {"transformers_version", "__version__", "_name_or_path", "_commit_hash"}
 # The figures each category's evaluation gives (embedlib.evaluation), what --metric eval/<name> may name.
@@ -147,8 +150,8 @@ def model_files(root: Path) -> ModelFiles:
         if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in _NOT_COPIED_DIRS \
                 or rel.as_posix() in _NOT_COPIED:
             continue
-        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-            raise MergeError(f"{path}: pickled weights are not read; merge models saved as safetensors")
+        if path.suffix in _OTHER_FORMATS:  # never read (pickles among them), never copied
+            continue
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -209,7 +212,7 @@ def _difference(a, b, path: str = ""):
 
 
 def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) or value != "(absent)" else value
+    text = value if value == "(absent)" else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -279,9 +282,15 @@ def _is_float(dtype: str) -> bool:
     return dtype.startswith(("F", "BF"))  # safetensors' names: F16, BF16, F32, F64, F8_E4M3, ...
 
 
-def source_of(path: Path) -> Source:
-    """A model directory as a source; a run's export (RUN/exports/step_*, with its marker) knows its run
-    and step."""
+def source_of(path: str | Path) -> Source:
+    """A model directory (or `package:<name>`) as a source; a run's export (RUN/exports/step_*, with its
+    marker) knows its run and step."""
+    from embedlib.encoder import EncoderError, resolve_model_dir
+
+    try:
+        path = resolve_model_dir(path)
+    except EncoderError as e:
+        raise MergeError(str(e)) from None
     source = Source(path=path)
     if (path / MARKER).is_file() and path.parent.name == EXPORTS:
         try:
@@ -543,22 +552,27 @@ def _alive(pid: int) -> bool:
 
 def model_card(output: Path, record: dict) -> str:
     """The merge's README.md: what was merged, how, and the dev figures."""
+    from embedlib.encoder import embedding_dim_of
     from embedlib.modelcard import _code, _model_facts, _text, _usage
 
-    model = _model_facts(output)
+    try:
+        model = _model_facts(output)
+    except (KeyError, TypeError, ValueError, OSError):  # not as Encoder.save writes (older hub files): no snippets
+        model = None
+    dimension = model["dimension"] if model else embedding_dim_of(output)
     sources = record["sources"]
     dev = record.get("dev")
     set_names = list(dev["sets"]) if dev else []
     front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
              "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "merge"]}
-    how = {"linear": "a weighted linear average of the weights (model soup)",
+    how = {"linear": "a linear average of the weights (a model soup)",
            "slerp": "spherical linear interpolation (slerp) of each weight tensor"}[record["method"]]
     if record.get("greedy"):
         how = "a greedy soup (Wortsman et al., 2022): a uniform average of the sources that did not lower the dev figure"
     out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip("\n"), "---", "",
            f"# A merge of {len(sources)} model{'s' if len(sources) > 1 else ''}", "",
            f"This is a [sentence-transformers](https://www.SBERT.net) model made with `embedlib.merge` by {how}. "
-           f"It maps texts to a {model['dimension']}-dimensional dense vector space.", "",
+           f"It maps texts to a {dimension}-dimensional dense vector space.", "",
            "## Merge", "", f"* Method: {_text(record['method'])}"
            + (f", t = {record['t']:g}" if record.get("t") is not None else "")
            + (", folded pairwise in the order below, t = " + ", ".join(f"{t:.4g}" for t in record["fold"])
@@ -580,7 +594,9 @@ def model_card(output: Path, record: dict) -> str:
     out.append("| " + " | ".join(["", "**merge**", "", record["fingerprint"][:12], "1", *figures(dev)]) + " |")
     if dev is None:
         out += ["", "The merge was not evaluated (no evaluation sets)."]
-    out += ["", *_usage(model, output), ""]
+    if model:
+        out += ["", *_usage(model, output)]
+    out.append("")
     return "\n".join(out)
 
 
@@ -637,10 +653,10 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m embedlib.merge",
                      description="Merge models of one architecture and tokenizer: linear soups, slerp, greedy soups.")
-    parser.add_argument("sources", nargs="*", type=Path, help="model directories (not with --run)")
+    parser.add_argument("sources", nargs="*", help="model directories or package:<name> (not with --run)")
     parser.add_argument("--output", required=True, type=Path, help="the merged model's directory (must not exist)")
     parser.add_argument("--method", default="linear", choices=("linear", "slerp"))
     parser.add_argument("--weights", help="one weight per source, comma-separated (normalised to sum 1)")
@@ -660,8 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="of the evaluation (default 64, or the run's)")
     parser.add_argument("--max-length", type=int, default=None, help="of the evaluation (default: the model's, "
                                                                      "or the run's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         record = _run(args)
     except (_UsageError, MergeError, EvaluationError, RecordError) as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)

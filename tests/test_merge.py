@@ -1,6 +1,7 @@
 """python -m embedlib.merge: soups and slerp of tiny exports, refusals, a kill mid-write, a run's selection."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from embedlib.encoder import model_fingerprint
-from embedlib.merge import MERGE_JSON, PAUSE_ENV, TMP_PREFIX, main
+from embedlib.merge import MERGE_JSON, PAUSE_ENV, TMP_PREFIX, build_parser, main
 from mining_helpers import save_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,3 +342,12 @@ def test_a_greedy_soup_adds_an_export_only_if_the_dev_figure_does_not_fall(tmp_p
     assert json.loads(capsys.readouterr().out)["sts"]["spearman"] == pytest.approx(best, abs=1e-6)
     card = (tmp_path / "greedy" / "README.md").read_text()
     assert "greedy soup" in card and "tiny-sts main score" in card and f"{best:.4f}" in card
+
+
+def test_the_readme_commands_parse():
+    commands = [line for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("python -m embedlib.merge ")]
+    assert len(commands) == 4
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[3:])
+        assert args.output is not None and (args.sources or args.run)

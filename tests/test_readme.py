@@ -80,6 +80,16 @@ COVERAGE: dict[str, list[tuple[str, str]]] = {
         (HERE, "def test_trainer_commands_parse")],
     "make gpu-wheels": [(HERE, "def test_make_targets")],
     "make gpu-check GPU_CHECK_OUT=runs/gpu_check": [(HERE, "def test_make_targets")],
+    "python -m embedlib.merge --output runs/merged runs/my-run/exports/step_00001000 runs/my-run/exports/step_00002000 "
+    "runs/other-run/exports/step_00002000": [
+        ("tests/test_merge.py", "def test_linear_merge_is_the_weighted_average_computed_by_hand")],
+    "python -m embedlib.merge --output runs/merged-slerp --method slerp --t 0.3 runs/my-run/exports/step_00002000 "
+    "runs/other-run/exports/step_00002000": [
+        ("tests/test_merge.py", "def test_slerp_gives_the_endpoints_and_keeps_norms_between")],
+    "python -m embedlib.merge --output runs/my-run-best3 --run runs/my-run --best-k 3 --metric eval/ndcg@10 --set scifact": [
+        ("tests/test_merge.py", "def test_the_best_exports_of_a_run_by_its_eval_records")],
+    "python -m embedlib.merge --output runs/my-run-greedy --run runs/my-run --greedy --sets my/dev_sets.yaml": [
+        ("tests/test_merge.py", "def test_a_greedy_soup_adds_an_export_only_if_the_dev_figure_does_not_fall")],
     ".venv/bin/python bench/gpu_check.py --dry-run --out runs/gpu_check_dry": [
         ("tests/test_gpu_check.py", "def test_dry_run_runs_every_section_on_the_cpu")],
 }
