@@ -12,7 +12,8 @@ Sources are model directories (exports of one run or of several, or any model di
 key: main_score, the default, or eval/<name>) of `--set` (needed when the rows name several sets),
 best first (a tie: the later step first); `--best-k K` keeps the best K. A LoRA run's exports hold the
 merged weights, which are what is merged (the adapter/ directory of such an export is not copied: it
-would not describe the merge). `package:<name>` is an installed package's model. Only safetensors
+would not describe the merge); an export's ema/ directory (train.ema) is a model of its own, merged
+when given as a source itself (RUN/exports/step_N/ema), and otherwise left out. `package:<name>` is an installed package's model. Only safetensors
 weights are read; weights in other formats (pytorch_model.bin, onnx/, ...) are neither read nor copied.
 
 Methods, per tensor, computed in float64 and written in the sources' dtype:
@@ -88,8 +89,9 @@ README = "README.md"
 # Files of a source that are not copied: its export marker and card describe it, not the merge.
 _NOT_COPIED = {MARKER, README, MERGE_JSON}
 # A LoRA export's adapter alone (training/lora.py): the merged weights are the model; the adapter is not.
-# A hub model's weights in other formats would be the first source's, not the merge's.
-_NOT_COPIED_DIRS = {"adapter", "onnx", "openvino"}
+# An export's ema/ (train.ema) is a model of its own, merged when given as a source itself. A hub model's
+# weights in other formats would be the first source's, not the merge's.
+_NOT_COPIED_DIRS = {"adapter", "ema", "onnx", "openvino"}
 _OTHER_FORMATS = {".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".gguf"}
 # Top-level JSON keys that stamp versions or origins, not the model.
 _STAMPS = {"transformers_version", "__version__", "_name_or_path", "_commit_hash"}

@@ -260,11 +260,13 @@ def test_the_merge_loads_everywhere_and_evaluates(tmp_path, capsys, exports, sts
     assert -1 <= json.loads(capsys.readouterr().out)["sts"]["spearman"] <= 1
 
 
-def _write_export(tmp: Path, source: Path, adapter: bool = False) -> None:
+def _write_export(tmp: Path, source: Path, adapter: bool = False, ema: bool = False) -> None:
     shutil.copytree(source, tmp, dirs_exist_ok=True)
     if adapter:  # a LoRA run's export: merged weights, and the adapter alone beside them
         (tmp / "adapter").mkdir()
         (tmp / "adapter" / "adapter_config.json").write_text("{}")
+    if ema:  # train.ema's average beside the raw weights: a model of its own
+        shutil.copytree(source, tmp / "ema")
 
 
 @pytest.fixture
@@ -274,7 +276,8 @@ def run_dir(tmp_path, exports, sts_file):
 
     run = tmp_path / "run"
     for step, name in ((10, "a"), (20, "b"), (30, "c")):
-        publish_export(run, step, lambda tmp, name=name, step=step: _write_export(tmp, exports[name], step == 30))
+        publish_export(run, step, lambda tmp, name=name, step=step: _write_export(tmp, exports[name], step == 30,
+                                                                                  step == 20))
     rows = [(5, 0.9), (10, 0.3), (20, 0.5), (30, 0.4)]
     (run / "eval.jsonl").write_text("".join(
         json.dumps({"step": step, "set": "tiny-sts", "category": "sts", "main_score": score, "eval/spearman": score,
@@ -298,7 +301,7 @@ def test_the_best_exports_of_a_run_by_its_eval_records(tmp_path, capsys, run_dir
                for k, v in weights(export_path(run_dir, 20)).items()}
     for key, tensor in weights(tmp_path / "best2").items():
         torch.testing.assert_close(tensor, by_hand[key], rtol=1.2e-7, atol=1e-12)
-    assert not (tmp_path / "best2" / "adapter").exists()
+    assert not (tmp_path / "best2" / "adapter").exists() and not (tmp_path / "best2" / "ema").exists()
 
     rc, err = run_merge(capsys, "--output", tmp_path / "scored", "--run", run_dir, "--best-k", "2",
                         "--weights-from-scores", "--no-eval")
