@@ -2,6 +2,8 @@
 
     RUN/exports/step_00000100/   an encoder directory (embedlib.encoder.Encoder.save) plus
                                  export.json = {"step": 100, "created_at": ...}
+    RUN/exports/step_00000100/ema/   with the trainer's train.ema (ema_export beside): the moving
+                                 average of the weights, a second encoder directory, no export.json
 
 An export becomes visible only by an atomic rename of a fully written temporary directory
 (`RUN/exports/.tmp-*`), so any directory named `step_*` that holds export.json is complete.
@@ -21,6 +23,8 @@ from embedlib.atomic import atomic_write_json, publish_dir
 from embedlib.rundir import EXPORTS, TMP_PREFIX, TRASH_PREFIX, discard_dir, remove_debris, utc_now
 
 MARKER = "export.json"
+# Inside an export: the average of the weights beside them (training/ema.py), published with the export.
+EMA_DIR = "ema"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from embedlib.atomic import atomic_write_bytes
+from embedlib.exports import EMA_DIR
 from embedlib.records import iter_records, read_scored_pairs
 from embedlib.runlog import RunLog, eval_figures, latest_evals, read_run
 
@@ -126,7 +127,9 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     model = _model_facts(export_dir)
     datasets = dataset_facts(run.config)
     metrics = [m for m in run.metrics if m["step"] <= step]
-    evals = [e for e in run.evals if e["step"] <= step]
+    # The average beside the raw weights (train.ema) was not evaluated: the evaluation is the raw export's.
+    averaged_beside = export_dir.name == EMA_DIR and _ema_decay(run.config) is not None
+    evals = [e for e in run.evals if e["step"] <= step and not averaged_beside]
     latest = latest_evals(evals)
     latest_eval = latest[0] if latest else None
     base = str((run.config.get("model") or {}).get("path", "unknown"))
@@ -192,7 +195,7 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
             out.append("* Instruction: " + "; ".join(f"{_text(json.dumps(i, ensure_ascii=False))} ({n:,} samples)"
                                                      for i, n in used))
         out += [f"* {_text(', '.join(f'{k}: {v}' for k, v in d.settings.items()))}", ""]
-    out += _procedure(run, metrics, step)
+    out += _procedure(run, metrics, step, export_dir)
     out += _training_logs(metrics, evals)
     versions = {**(run.run.get("versions") or {}), **model["versions"]}
     out += ["", "### Framework Versions", *[_text(f"- {k}: {v}") for k, v in sorted(versions.items()) if v], "",
@@ -200,7 +203,23 @@ def model_card(export_dir: Path, run: RunLog, step: int, model_path: Path) -> st
     return "\n".join(out)
 
 
-def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
+def _ema_decay(config: dict) -> float | None:
+    return (config.get("train") or {}).get("ema")
+
+
+def _weights_line(config: dict, export_dir: Path) -> list[str]:
+    """train.ema: whether this card's weights are the average or the raw weights with the average beside."""
+    decay = _ema_decay(config)
+    if decay is None:
+        return []
+    if export_dir.name == EMA_DIR or (config.get("train") or {}).get("ema_export") == "instead":
+        return [f"* Weights: the exponential moving average of the trained weights (decay {_text(decay)}, "
+                "updated after every optimizer step)"]
+    return [f"* Weights: the trained weights; their exponential moving average (decay {_text(decay)}) is in "
+            f"{_code(EMA_DIR + '/')} beside them"]
+
+
+def _procedure(run: RunLog, metrics: list[dict], step: int, export_dir: Path) -> list[str]:
     recipe, overrides = run.recipe_and_overrides()
     config = run.config
     ds = run.run.get("ds_config") or {}
@@ -213,6 +232,7 @@ def _procedure(run: RunLog, metrics: list[dict], step: int) -> list[str]:
                + f", {sum(m.get('samples', 0) for m in metrics):,} samples"
                + (f", world size {run.run['world_size']}" if run.run.get("world_size") else "")
                + (f", DeepSpeed ZeRO stage {zero}" if zero is not None else ""))
+    out += _weights_line(config, export_dir)
     if metrics:
         last = metrics[-1]
         recent = [m["loss"] for m in metrics[-10:]]

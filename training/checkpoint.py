@@ -4,6 +4,8 @@
                                      ZeRO shards, our client state)
     RUN/checkpoints/step_00000100/dynamic_negatives.safetensors   the trainer's own files (rank 0),
                                      written before the marker
+    RUN/checkpoints/step_00000100/ema*.safetensors   train.ema's average (training/ema.py: rank 0's,
+                                     or every rank's shard under ZeRO-3), written before the marker
     RUN/checkpoints/step_00000100/complete.json   written by us last: the tag is usable
 
 DeepSpeed 0.19.8 writes the tag's files in place and then rank 0 writes `latest` (plain open/write,
@@ -63,10 +65,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
 
 
 def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state: dict, keep: int,
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
+                    write_extra: Callable[[Path], None] | None = None,
+                    write_every_rank: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. Returns the tag directory, complete on return.
 
-    write_extra(tag_dir), called on rank 0, adds the trainer's own files to the checkpoint.
+    write_extra(tag_dir), called on rank 0, adds the trainer's own files to the checkpoint;
+    write_every_rank(tag_dir), called on every rank, adds each rank's own (ZeRO-3 shards of train.ema).
     """
     root = checkpoints_root(run_dir)
     tag_dir = root / tag_of(step)
@@ -83,6 +87,8 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
                            exclude_frozen_parameters=frozen is not None)
     if rank == 0 and write_extra is not None:
         write_extra(tag_dir)
+    if write_every_rank is not None:
+        write_every_rank(tag_dir)
     fsync_tree(tag_dir)  # every rank: its own shards reach the disk before the marker says complete
     dist.barrier()
     if rank == 0:
@@ -97,9 +103,11 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return checkpoints_root(run_dir) / tag_of(step)
 
 
-def load_checkpoint(engine, run_dir: str | os.PathLike) -> tuple[int, dict] | None:
+def load_checkpoint(engine, run_dir: str | os.PathLike,
+                    check: Callable[[Path], None] | None = None) -> tuple[int, dict] | None:
     """Load the newest complete checkpoint into `engine`: (step, client_state), or None if there is none.
-    Its directory is checkpoint_dir(run_dir, step).
+    Its directory is checkpoint_dir(run_dir, step). check(tag_dir), on every rank before the engine
+    loads anything, may refuse the checkpoint (a ConfigError, one line).
 
     The ranks must agree on which one: rank 0 decides (a save could complete while ranks list).
     """
@@ -110,6 +118,8 @@ def load_checkpoint(engine, run_dir: str | os.PathLike) -> tuple[int, dict] | No
     if step is None:
         return None
     tag_dir = checkpoint_dir(run_dir, step)
+    if check is not None:
+        check(tag_dir)
     saved = json.loads((tag_dir / MARKER).read_text()).get("frozen_fingerprint")
     current = frozen_fingerprint(engine)  # collective
     if saved is not None and not _same_weights(saved, current):

@@ -166,6 +166,15 @@ class TrainConfig:
     # Show the progress bar (rank 0 only).
     progress: bool = True
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    # An exponential moving average of the trainable weights (training/ema.py), updated after every
+    # optimizer step with this constant decay, in float32: ema = decay * ema + (1 - decay) * weight,
+    # starting from the weights of step 0 (no warm-up of the decay); kept in the checkpoints, so --resume
+    # continues it exactly. null: none.
+    ema: float | None = None
+    # Where each export puts the average: "beside" the raw weights (RUN/exports/step_N/ema/, a second
+    # encoder directory the mining sidecar does not load), or "instead" of them (the export, and so the
+    # sidecar's mining and the evaluation during training, use the average).
+    ema_export: Literal["beside", "instead"] = "beside"
 
 
 @dataclass
@@ -472,6 +481,7 @@ def validate(config: Config, source: str) -> None:
             "train.data_cache", "must be auto, a directory or null")
     require(t.grad_cache.chunk_size is None or t.grad_cache.chunk_size >= 1, "train.grad_cache.chunk_size",
             "must be at least 1 (null: no gradient cache)")
+    require(t.ema is None or 0 < t.ema < 1, "train.ema", "must be a decay in (0, 1), e.g. 0.999 (null: no average)")
 
     n = config.negatives
     require(n.check_interval >= 1, "negatives.check_interval", "must be at least 1")

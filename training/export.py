@@ -5,7 +5,8 @@ shard, so the parameters are gathered one at a time (peak memory: one parameter,
 frozen input embedding split by vocabulary (training/zero3_loading.py) is gathered onto rank 0.
 Rank 0 writes the directory with Encoder.save (loadable by transformers.AutoModel and
 sentence_transformers.SentenceTransformer), with the prompts of the instructions the data had, and its
-model card (README.md, embedlib.modelcard), and publishes it atomically with its export.json marker.
+model card (README.md, embedlib.modelcard), and publishes it atomically with its export.json marker;
+with train.ema the average of the weights (training/ema.py) goes beside (ema/) or instead of them.
 Once the export's evaluation is logged, refresh_model_card puts its figures on the card.
 """
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from embedlib.encoder import Encoder
-from embedlib.exports import ExportInfo, export_path, gc_exports, publish_export, read_export_marker
+from embedlib.exports import EMA_DIR, ExportInfo, export_path, gc_exports, publish_export, read_export_marker
 from embedlib.modelcard import dataset_facts, training_prompts, write_model_card
 from embedlib.runlog import read_config
 from training.config import LoraConfig
+from training.ema import WeightAverage
 from training.lora import base_backbone, has_lora, merge_lora, save_adapter
 from training.zero3_loading import gather_sharded_embeddings
 
@@ -52,27 +54,38 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 
 def export_model(engine, run_dir: str | os.PathLike, step: int, keep: int, extra: dict,
-                 lora: LoraConfig | None = None) -> ExportInfo | None:
+                 lora: LoraConfig | None = None, ema: WeightAverage | None = None,
+                 ema_export: str = "beside") -> ExportInfo | None:
     """Collective. Publish RUN/exports/step_XXXXXXXX (rank 0 writes) and keep the newest `keep`.
 
     With LoRA (`lora`, the model's settings) the export is the merged model, a plain one that every
     reader loads (sentence-transformers, the mining sidecar, evaluation); lora.save_adapter also writes
-    the adapter alone into its adapter/ directory."""
+    the adapter alone into its adapter/ directory. With `ema` (train.ema) the average of the weights is
+    exported `ema_export`: "beside" the raw weights, as a second encoder directory ema/ inside the
+    export (published by the same rename; the sidecar lists step_* only), or "instead" of them."""
     state = gathered_state_dict(engine)
+    averaged = ema.export_state(state) if ema is not None else None  # collective
     info = None
     if dist.get_rank() == 0:
         encoder = engine.module
 
-        def write(tmp) -> None:
+        def save(directory: Path, weights: dict[str, torch.Tensor]) -> None:
             if lora is not None and has_lora(encoder):
                 plain = Encoder(base_backbone(encoder), encoder.tokenizer, encoder.config, encoder.projection)
                 plain.future_weight = encoder.future_weight
-                plain.save(tmp, state_dict=merge_lora(state, lora), prompts=_prompts(run_dir, step))
+                plain.save(directory, state_dict=merge_lora(weights, lora), prompts=_prompts(run_dir, step))
                 if lora.save_adapter:
-                    save_adapter(encoder, state, Path(tmp) / "adapter")
+                    save_adapter(encoder, weights, directory / "adapter")
             else:
-                encoder.save(tmp, state_dict=state, prompts=_prompts(run_dir, step))
+                encoder.save(directory, state_dict=weights, prompts=_prompts(run_dir, step))
+
+        def write(tmp) -> None:
+            tmp = Path(tmp)
+            save(tmp, averaged if averaged is not None and ema_export == "instead" else state)
             _write_card(tmp, run_dir, step, export_path(run_dir, step))
+            if averaged is not None and ema_export == "beside":
+                save(tmp / EMA_DIR, averaged)
+                _write_card(tmp / EMA_DIR, run_dir, step, export_path(run_dir, step) / EMA_DIR)
 
         info = publish_export(run_dir, step, write, extra=extra)
         gc_exports(run_dir, keep, protect={step})

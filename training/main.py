@@ -7,7 +7,8 @@ The run directory (config `run_dir`):
 
     RUN/config.yaml       the resolved configuration of the latest start (recipe + overrides)
     RUN/run.json          machine-readable record: argv, versions, world size, start/end, status
-                          (running, completed, preempted, failed), first and final step, exports
+                          (running, completed, preempted, failed), first and final step, exports,
+                          ema_decay (train.ema, null without an average)
     RUN/metrics.jsonl     one JSON object per optimizer step: step, loss, loss/<task kind>, lr,
                           samples, samples_per_s, step_time_s, negatives_version (per data set),
                           tasks (per rank), scores/<data set>/{positive, negative} (mean score of
@@ -24,9 +25,11 @@ The run directory (config `run_dir`):
     RUN/checkpoints/      step_XXXXXXXX DeepSpeed tags, the newest train.keep_checkpoints kept,
                           each complete only once it holds complete.json (training/checkpoint.py);
                           dynamic_negatives.safetensors in each holds the negatives state (when a
-                          data set reads the negative store)
+                          data set reads the negative store), and ema*.safetensors with train.ema
     RUN/exports/          step_XXXXXXXX encoder directories (embedlib.exports): every
-                          train.export_every steps and at the end; what the mining sidecar loads
+                          train.export_every steps and at the end; what the mining sidecar loads;
+                          with train.ema the average of the weights in ema/ beside them, or instead
+                          (train.ema_export; training/ema.py)
     RUN/negatives/        the mining sidecar's negative store (embedlib.negstore), read here
     RUN/logs/             trainer.rank<R>.log: every rank's whole log (INFO and above, the libraries'
                           notices and warnings included); the console shows rank 0's progress bar,
@@ -91,6 +94,7 @@ from training.config import (Config, ConfigError, ModelConfig, build_ds_config, 
                              check_writable_dir, evaluation_sets, load_config, to_dict)
 from training.data import (RetrievalBatch, SamplerState, StepBatch, Task, check_same_data, load_tasks, make_loader,
                            prefetch_steps, samples_in_step, shared_query_tasks, store_specs)
+from training.ema import WeightAverage
 from training.grad_cache import backward_step
 from training import zero3_loading
 from training.lora import add_lora, trainable_parameter_groups
@@ -202,13 +206,16 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
                log_file=run_dir / LOGS / f"trainer.rank{rank}.log")
 
     engine = build_engine(config, model_path, ds_config)
+    ema = WeightAverage(engine, config.train.ema) if config.train.ema is not None else None
     start_step, state, resumed_from = 0, SamplerState.initial(tasks), None
     if args.resume:
-        loaded = load_checkpoint(engine, run_dir)
+        loaded = load_checkpoint(engine, run_dir, check=ema.check_checkpoint if ema is not None else None)
         if loaded is not None:
             start_step, client_state = loaded
             state = SamplerState.from_dict(client_state["data"], tasks)
             resumed_from = checkpoint_dir(run_dir, start_step)
+            if ema is not None:
+                ema.load(resumed_from)
             logger.info("resumed from step %d", start_step)
         elif rank == 0:
             logger.info("--resume: no checkpoint in %s, starting from step 0", run_dir)
@@ -216,11 +223,12 @@ def train(config: Config, model_path: Path, tasks: list[Task], args: argparse.Na
                                  lookahead=prefetch_steps(config.train.num_workers))
     negatives.start(start_step, resumed_from)
 
-    record = RunRecord(run_dir, argv, world_size, ds_config, start_step, enabled=rank == 0)
+    record = RunRecord(run_dir, argv, world_size, ds_config, start_step, enabled=rank == 0,
+                       ema_decay=config.train.ema)
     if rank == 0:
         atomic_write_bytes(run_dir / CONFIG_YAML, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     try:
-        status, step = train_loop(engine, config, tasks, state, negatives, start_step, record, preemption)
+        status, step = train_loop(engine, config, tasks, state, negatives, start_step, record, preemption, ema)
     except BaseException as error:
         record.finish(RunStatus.FAILED, None, error=repr(error))
         raise
@@ -320,7 +328,8 @@ def lr_factor(config: Config):
 
 
 def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, negatives: NegativesRuntime,
-               start_step: int, record: RunRecord, preemption: Preemption) -> tuple[RunStatus, int]:
+               start_step: int, record: RunRecord, preemption: Preemption,
+               ema: WeightAverage | None = None) -> tuple[RunStatus, int]:
     from training.export import export_model, refresh_model_card
     from training.metrics import MetricsLog, StepProgress
 
@@ -336,7 +345,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
 
     def checkpoint(step: int) -> None:
         save_checkpoint(engine, run_dir, step, {"data": state.to_dict()}, keep=t.keep_checkpoints,
-                        write_extra=negatives.before_checkpoint())
+                        write_extra=negatives.before_checkpoint(),
+                        write_every_rank=ema.save if ema is not None else None)
 
     def evaluation_due(step: int) -> bool:
         e = config.evaluation
@@ -345,10 +355,11 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
     def export(step: int) -> None:
         info = export_model(engine, run_dir, step, keep=t.keep_exports,
                             extra={"model_source": config.model.path, "world_size": world_size},
-                            lora=config.model.lora)
+                            lora=config.model.lora, ema=ema, ema_export=t.ema_export)
         if info is not None:
             print(f"exported: {info.path}", flush=True)
         if evaluation_due(step):
+            # The export's own weights are evaluated: the raw ones, or the average with train.ema_export=instead.
             if rank == 0:  # the export is the consolidated model under every ZeRO stage
                 for row in evaluation_rows(info.path, config):  # one row per set
                     eval_log.log({"step": step, **row})
@@ -367,6 +378,8 @@ def train_loop(engine, config: Config, tasks: list[Task], state: SamplerState, n
             lr = engine.get_lr()[0]
             set_attention(engine.module, config.model, batch.step)
             out = train_step(engine, batch, [loss_kind_of[name] for name in batch.assignment], config)
+            if ema is not None:
+                ema.update()
             step = batch.step + 1
             state.cursors = batch.cursors_after
 
@@ -497,13 +510,13 @@ class RunRecord:
     """RUN/run.json, written by rank 0 at the start and at the end."""
 
     def __init__(self, run_dir: Path, argv: list[str], world_size: int, ds_config: dict, start_step: int,
-                 enabled: bool):
+                 enabled: bool, ema_decay: float | None = None):
         self.path, self.enabled = run_dir / RUN_JSON, enabled
         self.run_dir = run_dir
         self.data = {
             "argv": argv, "world_size": world_size, "start_step": start_step, "final_step": None,
             "status": RunStatus.RUNNING.value, "started_at": utc_now(), "ended_at": None, "exports": [],
-            "ds_config": ds_config, "host": platform.node(),
+            "ds_config": ds_config, "ema_decay": ema_decay, "host": platform.node(),
             "versions": {"python": platform.python_version(),
                          **{name: _version(name) for name in ("torch", "deepspeed", "transformers")}},
         }
