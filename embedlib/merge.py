@@ -13,8 +13,9 @@ key: main_score, the default, or eval/<name>) of `--set` (needed when the rows n
 best first (a tie: the later step first); `--best-k K` keeps the best K. A LoRA run's exports hold the
 merged weights, which are what is merged (the adapter/ directory of such an export is not copied: it
 would not describe the merge); an export's ema/ directory (train.ema) is a model of its own, merged
-when given as a source itself (RUN/exports/step_N/ema), and otherwise left out. `package:<name>` is an installed package's model. Only safetensors
-weights are read; weights in other formats (pytorch_model.bin, onnx/, ...) are neither read nor copied.
+when given as a source itself (RUN/exports/step_N/ema), and otherwise left out. `package:<name>` is an
+installed package's model. Only safetensors weights are read; weights in other formats
+(pytorch_model.bin, onnx/, ...) are neither read nor copied.
 
 Methods, per tensor, computed in float64 and written in the sources' dtype:
 - linear: sum_i w_i x_i with the weights normalised to sum 1 (uniform without --weights;
