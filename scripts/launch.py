@@ -45,24 +45,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_command(repo: Path, recipe: Path, args: list[str], has_gpu: bool) -> list[str]:
-    """`deepspeed training/main.py --config RECIPE ARGS` on every GPU, or on 2 CPU ranks without one
-    (the launcher starts one process on CPU unless told how many)."""
+def trainer_command(repo: Path, recipe: Path, args: list[str], has_gpu: bool, cpu_ranks: int = 2) -> list[str]:
+    """`deepspeed training/main.py --config RECIPE ARGS` on every GPU, or on `cpu_ranks` CPU ranks without
+    one (the launcher starts one process on CPU unless told how many)."""
     launcher = Path(sys.executable).parent / "deepspeed"
     if not launcher.exists():
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    ranks = [] if has_gpu else ["--num_gpus", "2"]
+    ranks = [] if has_gpu else ["--num_gpus", str(cpu_ranks)]
     # The launcher's own INFO lines (command lines, CUDA_VISIBLE_DEVICES) are not for a person;
     # a rank that fails still shows (an error).
     return [str(launcher), "--log_level", "error", *ranks, "--master_port", str(free_port()),
             str(repo / "training" / "main.py"), "--config", str(recipe), *args]
 
 
-def trainer_env(env: dict, has_gpu: bool) -> dict:
-    """`env` for the trainer: on CPU its 2 ranks share the cores; more threads than cores slow both."""
+def trainer_env(env: dict, has_gpu: bool, cpu_ranks: int = 2) -> dict:
+    """`env` for the trainer: on CPU its ranks share the cores; more threads than cores slow them all."""
     env = dict(env)
     if not has_gpu:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cpu_ranks)))
     return env
 
 
