@@ -13,7 +13,9 @@ WeightAverage is updated after every step. Rank 0 writes, per stage:
     <stage>/reloaded.safetensors  the average saved into a checkpoint tag (<stage>/tag) and loaded into a
                                   fresh WeightAverage
 
-and results.json: each rank's share of the average's elements per stage, and (one process, given the
+Then the same under ZeRO-3 with LoRA adapters on the attention's query and value (zero3_lora/), which
+also exports (zero3_lora/run/exports/step_00000005/, the average in ema/ beside the raw weights). Rank 0
+also writes results.json: each rank's share of the average's elements per stage, and (one process, given the
 2-rank run's directory) the error that refuses its ZeRO-3 tag at another world size.
 """
 from __future__ import annotations
@@ -27,12 +29,14 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from embedlib.encoder import Encoder
-from training.config import ConfigError
+from training.config import ConfigError, LoraConfig
 from training.ema import WeightAverage
-from training.export import gathered_state_dict
+from training.export import export_model, gathered_state_dict
+from training.lora import add_lora, trainable_parameter_groups
 
 DECAY = 0.6  # far from 1, so a few steps move the average well away from both the start and the weights
 STEPS = 5
+LORA = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["query", "value"])
 TEXTS = ["Aspirin lowers the risk of heart attacks.", "Stem cells divide.", "A short query",
          "Vitamin D and bone density in the elderly.", "Smoking causes lung cancer.",
          "Exercise improves sleep quality.", "Antibiotics do not treat viral infections.",
@@ -48,19 +52,21 @@ def trainable_state(engine) -> dict[str, torch.Tensor] | None:
     return {name: value.float().clone() for name, value in state.items() if name in names}
 
 
-def run_stage(model_dir: str, stage: int, out: Path, foreign_tag: Path | None) -> dict:
+def run_stage(model_dir: str, stage: int, out: Path, foreign_tag: Path | None, lora: bool = False) -> dict:
     import deepspeed
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     encoder = Encoder.from_pretrained(model_dir, pooling="mean", output_dim=8, max_length=16)
+    if lora:
+        add_lora(encoder, LORA)
     for module in encoder.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage}}
-    engine, *_ = deepspeed.initialize(model=encoder, optimizer=torch.optim.AdamW(encoder.parameters(), lr=1e-2),
-                                      config=ds_config)
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(encoder, 0.0), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=encoder, optimizer=optimizer, config=ds_config)
     share = len(TEXTS) // world_size
     tokens = encoder.tokenizer(TEXTS[rank * share:(rank + 1) * share], padding=True, return_tensors="pt")
     targets = torch.nn.functional.normalize(torch.randn(len(TEXTS), 8, generator=torch.Generator().manual_seed(1)),
@@ -74,7 +80,7 @@ def run_stage(model_dir: str, stage: int, out: Path, foreign_tag: Path | None) -
         ema.update()
         if trace is not None:
             trace.update({f"{step}/{k}": v for k, v in trainable_state(engine).items()})
-    directory = out / f"zero{stage}"
+    directory = out / (f"zero{stage}" + ("_lora" if lora else ""))
     average, raw = ema.gathered(), trainable_state(engine)
     tag = directory / "tag"
     if rank == 0:
@@ -89,9 +95,11 @@ def run_stage(model_dir: str, stage: int, out: Path, foreign_tag: Path | None) -
     result = {"local_elements": [None] * world_size,
               "total_elements": sum(getattr(p, "ds_numel", p.numel()) for _, p in ema.params)}
     dist.all_gather_object(result["local_elements"], sum(a.numel() for a in ema.average))
+    if lora:  # the export of the average beside the raw one, both merged
+        export_model(engine, directory / "run", STEPS, keep=1, extra={}, lora=LORA, ema=ema, ema_export="beside")
     if foreign_tag is not None:
         try:
-            reloaded.check_checkpoint(foreign_tag / f"zero{stage}" / "tag")
+            reloaded.check_checkpoint(foreign_tag / directory.name / "tag")
             result["foreign_error"] = None
         except ConfigError as error:
             result["foreign_error"] = str(error)
@@ -115,8 +123,9 @@ def main(rank: int, world_size: int, port: int, model_dir: str, out_dir: str, fo
     logger.setLevel("WARNING")
     deepspeed.init_distributed(dist_backend="gloo")
     out = Path(out_dir)
-    results = {f"zero{stage}": run_stage(model_dir, stage, out, Path(foreign) if foreign else None)
-               for stage in (2, 3)}
+    foreign_tag = Path(foreign) if foreign else None
+    results = {f"zero{stage}": run_stage(model_dir, stage, out, foreign_tag) for stage in (2, 3)}
+    results["zero3_lora"] = run_stage(model_dir, 3, out, foreign_tag, lora=True)
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()

@@ -51,27 +51,32 @@ def _assert_close(got: dict, expected: dict, what: str) -> None:
         torch.testing.assert_close(got[name], value, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, {name}: {m}")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+STAGES = ["zero2", "zero3", "zero3_lora"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_keep_the_average_of_one_process(worker_runs, stage):
-    one, two = (load_file(str(worker_runs[n] / f"zero{stage}" / "ema.safetensors")) for n in (1, 2))
-    _assert_close(two, one, f"ZeRO-{stage}, 2 ranks against 1 process")
+    one, two = (load_file(str(worker_runs[n] / stage / "ema.safetensors")) for n in (1, 2))
+    _assert_close(two, one, f"{stage}, 2 ranks against 1 process")
     # The average is not the weights (it lags them): comparing averages compares more than the weights.
-    raw = load_file(str(worker_runs[1] / f"zero{stage}" / "raw.safetensors"))
+    raw = load_file(str(worker_runs[1] / stage / "raw.safetensors"))
     assert max((raw[k] - one[k]).abs().max().item() for k in raw) > 50 * ATOL
-    results = json.loads((worker_runs[2] / "results.json").read_text())[f"zero{stage}"]
+    results = json.loads((worker_runs[2] / "results.json").read_text())[stage]
     total, local = results["total_elements"], results["local_elements"]
-    if stage == 3:  # each rank its own partition: about half of every parameter
+    if stage != "zero2":  # each rank its own partition: about half of every parameter
         assert all(n < 0.6 * total for n in local) and sum(local) >= total, results
     else:  # replicated as the module is
         assert local == [total, total]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", STAGES)
 def test_the_average_is_the_one_computed_by_hand(worker_runs, stage):
-    directory = worker_runs[1] / f"zero{stage}"
+    directory = worker_runs[1] / stage
     trace = load_file(str(directory / "trace.safetensors"))
     names = [k.split("/", 1)[1] for k in trace if k.startswith("0/")]
     assert any(n.startswith("projection.") for n in names) and any(n.startswith("backbone.") for n in names)
+    if stage.endswith("lora"):  # the adapters and the projection only: frozen weights do not move
+        assert all(".lora_" in n or n.startswith("projection.") for n in names)
     decay = ema_worker.DECAY
     expected = {}
     for name in names:
@@ -87,11 +92,31 @@ def test_the_average_is_the_one_computed_by_hand(worker_runs, stage):
     assert all(torch.equal(reloaded[name], got[name]) for name in names)
 
 
+def test_a_lora_export_merges_the_average_of_the_adapters(worker_runs, tiny_bert_dir):
+    average = load_file(str(worker_runs[1] / "zero3_lora" / "ema.safetensors"))
+    export = worker_runs[1] / "zero3_lora" / "run" / "exports" / "step_00000005"
+    raw, merged = (load_file(str(d / "model.safetensors")) for d in (export, export / "ema"))
+    assert sorted(raw) == sorted(merged) and not any("lora" in k or "base_layer" in k for k in merged)
+    base = load_file(str(tiny_bert_dir / "model.safetensors"))
+    lora = ema_worker.LORA
+    for layer in (0, 1):
+        for kind in ("query", "value"):
+            name = f"encoder.layer.{layer}.attention.self.{kind}"
+            adapter = f"backbone.base_model.model.{name}.lora_%s.default.weight"
+            expected = base[f"{name}.weight"] + lora.alpha / lora.r * average[adapter % "B"] @ average[adapter % "A"]
+            torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=1e-6, atol=1e-7)
+            assert not torch.equal(merged[f"{name}.weight"], raw[f"{name}.weight"])
+    assert torch.equal(merged["encoder.layer.0.attention.self.key.weight"],
+                       base["encoder.layer.0.attention.self.key.weight"])  # frozen, not adapted
+    assert torch.equal(merged["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+
+
 def test_zero3_shards_resume_only_at_their_world_size(worker_runs):
     results = json.loads((worker_runs[1] / "results.json").read_text())
     assert results["zero2"]["foreign_error"] is None  # a ZeRO-2 average is whole: any world size
-    error = results["zero3"]["foreign_error"]
-    assert error and "sharded over 2 ranks (ZeRO-3); resume on 2 ranks, not 1" in error and "\n" not in error
+    for stage in ("zero3", "zero3_lora"):
+        error = results[stage]["foreign_error"]
+        assert error and "sharded over 2 ranks (ZeRO-3); resume on 2 ranks, not 1" in error and "\n" not in error
 
 
 def test_resumed_run_exports_the_average_of_an_uninterrupted_run(tmp_path, tiny_bert_dir):
