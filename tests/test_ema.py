@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import ema_worker
 from embedlib.exports import list_exports
 from rank_processes import spawn_ranks
-from test_training_runs import QUICKSTART, REPO, _env, _run
+from test_training_runs import QUICKSTART, REPO, _command, _env, _run
 from training.checkpoint import list_checkpoints
 from training.config import ConfigError, load_config
 
@@ -143,6 +143,14 @@ def test_resumed_run_exports_the_average_of_an_uninterrupted_run(tmp_path, tiny_
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     shutil.rmtree(resumed / "exports")
     assert [step for step, _ in list_checkpoints(resumed)] == [2]
+    # Its ZeRO-3 shards of the average resume at 2 ranks only: one rank is refused before anything loads.
+    one_rank = _command("torchrun", resumed, tiny_bert_dir, common, resume=True)
+    one_rank[one_rank.index("--nproc_per_node") + 1] = "1"
+    refused = subprocess.run(one_rank, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-3000:]
+    assert "train.ema average is sharded over 2 ranks (ZeRO-3); resume on 2 ranks, not 1" in errors[0]
+    assert [step for step, _ in list_checkpoints(resumed)] == [2] and not (resumed / "exports").exists()
     _run("torchrun", resumed, tiny_bert_dir, common + ["train.ema_export=instead"], resume=True)
     (resumed_export,) = list_exports(resumed)
     assert not (resumed_export.path / "ema").exists()

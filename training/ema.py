@@ -22,8 +22,9 @@ In the checkpoint (written before complete.json makes the tag usable, training/c
 
 each with metadata {decay, world_size, zero3}. --resume loads them, so a resumed run's average equals an
 uninterrupted run's bit for bit; ZeRO-3 shards resume only at the world size that wrote them (refused in
-one line otherwise), and a checkpoint without an average (train.ema turned on at a resume) starts the
-average from the resumed weights, with a warning.
+one line otherwise); a checkpoint without an average (train.ema turned on at a resume) starts the
+average from the resumed weights, with a warning, and another decay at a resume continues the saved
+average with the new decay.
 
 In the export (training/export.py) the average is gathered like the weights (ZeRO-3: one parameter at a time)
 and put in place of the trainable weights of the gathered state dict, in their dtype; a LoRA export of the
