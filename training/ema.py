@@ -54,7 +54,7 @@ def shard_file(rank: int) -> str:
 class WeightAverage:
     """The average of `engine.module`'s trainable parameters, on this rank (see the module docstring).
 
-    Every method but `update` is collective or must be called on every rank alike."""
+    Every rank calls every method alike; `gathered` and `export_state` are collective."""
 
     def __init__(self, engine, decay: float):
         self.decay = decay
