@@ -44,6 +44,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from embedlib.attention import attention_bias
+from embedlib.exports import EMA_DIR
 from embedlib.progress import progress_task
 
 POOLINGS = ("cls", "mean", "last_token")
@@ -669,9 +670,10 @@ def is_encoder_export(path: str | os.PathLike) -> bool:
 def model_fingerprint(path: str | os.PathLike) -> str:
     """sha256 hex over the relative names, sizes and contents of a model directory's files.
 
-    Every file counts (weights, configs, tokenizer) except hidden files and the files that do not
-    change the model (export.json with its timestamp, README.md, a merge's merge.json), so two copies of
-    one export agree and any changed weight changes the fingerprint. Reads every byte: ~1 s per GB.
+    Every file counts (weights, configs, tokenizer) except hidden files, the files that do not change
+    the model (export.json with its timestamp, README.md, a merge's merge.json) and an export's ema/
+    directory (train.ema: a model of its own, fingerprinted as one when it is the model), so two copies
+    of one export agree and any changed weight changes the fingerprint. Reads every byte: ~1 s per GB.
     """
     root = Path(path)
     if not root.is_dir():
@@ -681,6 +683,7 @@ def model_fingerprint(path: str | os.PathLike) -> str:
         if p.is_file()
         and p.name not in _NOT_MODEL_FILES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.relative_to(root).parts[0] != EMA_DIR
     )
     if not files:
         raise EncoderError(f"{root}: no files to fingerprint")

@@ -321,6 +321,10 @@ def test_model_fingerprint_stable_across_copies_and_sensitive_to_weights(tmp_pat
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "export.json").write_text('{"step": 1, "created_at": "now"}')
     assert model_fingerprint(tmp_path / "a") == model_fingerprint(tmp_path / "b")
+    # train.ema's ema/ beside the weights is a model of its own, not part of this one's identity.
+    shutil.copytree(tmp_path / "a", tmp_path / "b" / "ema", ignore=shutil.ignore_patterns("export.json"))
+    assert model_fingerprint(tmp_path / "b") == model_fingerprint(tmp_path / "a")
+    assert model_fingerprint(tmp_path / "b" / "ema") == model_fingerprint(tmp_path / "a")
 
     state = encoder.state_dict()
     state["projection.bias"] = state["projection.bias"].clone()
