@@ -6,40 +6,47 @@
     python -m embedlib.merge --output DIR --method slerp A B C        slerp folded pairwise in the given order
     python -m embedlib.merge --output DIR --run RUN --best-k 3 --metric eval/ndcg@10 --set scifact
     python -m embedlib.merge --output DIR --run RUN --greedy          greedy soup on the run's dev sets
+    python -m embedlib.merge --output DIR --run R1 --run R2 --run R3 --best-k 3   the best 3 of a seed sweep
+    python -m embedlib.merge --output DIR --sets dev.yaml --metric average --greedy A B C
 
 Sources are model directories (exports of one run or of several, or any model directories) or, with
-`--run RUN`, the run's exports still on disk that eval.jsonl has a figure for: `--metric` (an eval.jsonl
-key: main_score, the default, or eval/<name>) of `--set` (needed when the rows name several sets),
-best first (a tie: the later step first); `--best-k K` keeps the best K. A LoRA run's exports hold the
-merged weights, which are what is merged (the adapter/ directory of such an export is not copied: it
-would not describe the merge); an export's ema/ directory (train.ema) is a model of its own, merged
-when given as a source itself (RUN/exports/step_N/ema), and otherwise left out. `package:<name>` is an
-installed package's model. Only safetensors weights are read; weights in other formats
+`--run RUN` (given once or several times: a multi-seed sweep, the exports of all those runs pooled), the
+runs' exports still on disk that their eval.jsonl has a figure for, each scored by its own run's figure:
+`--metric` (an eval.jsonl key: main_score, the default, or eval/<name>) of `--set` (needed when the rows
+name several sets; every run must have it), best first (a tie: the later step first, then the run given
+first); `--best-k K` keeps the best K. Model directories are scored too when a selection asks for it
+(--best-k, --weights-from-scores, --greedy, --metric, --set) and `--sets FILE` is given: each is evaluated
+on those sets first and ranked by --metric of --set (main_score or eval/<name> of the set; `average`,
+the mean of the category means, over all of them), best first (a tie: the order given). A LoRA run's
+exports hold the merged weights, which are what is merged (the adapter/ directory of such an export is
+not copied: it would not describe the merge); an export's ema/ directory (train.ema) is a model of its
+own, merged when given as a source itself (RUN/exports/step_N/ema), and otherwise left out.
+`package:<name>` is an installed package's model. Only safetensors weights are read; weights in other formats
 (pytorch_model.bin, onnx/, ...) are neither read nor copied.
 
 Methods, per tensor, computed in float64 and written in the sources' dtype:
 - linear: sum_i w_i x_i with the weights normalised to sum 1 (uniform without --weights;
-  --weights-from-scores: proportional to the sources' eval.jsonl figures, w_i = s_i / sum_j s_j, which
-  must all be positive).
+  --weights-from-scores: proportional to the sources' scores (eval.jsonl or dev figures),
+  w_i = s_i / sum_j s_j, which must all be positive).
 - slerp (two sources, --t): the direction of the flattened tensor is interpolated on the sphere and its
   norm linearly, slerp(a, b, t) = ((1 - t)|a| + t|b|) (sin((1 - t)θ) â + sin(tθ) b̂) / sin θ, so the norm
   is always between the two norms (mergekit's slerp of the unnormalised vectors is not, for wide angles).
   t = 0 and t = 1 give the endpoints exactly. Where the two are (nearly) parallel or antiparallel
   (|cos θ| > 1 - 1e-8) or a norm is 0, the linear (1 - t) a + t b is used.
-- slerp of n sources: folded pairwise in the order given (with --run: best first),
+- slerp of n sources: folded pairwise in the order given (ranked sources: best first),
   m_1 = x_1, m_i = slerp(m_{i-1}, x_i, t_i) with t_i = w_i / (w_1 + ... + w_i), i = 2..n, which is the
   weighted (uniform: t_i = 1/i) average in the linear limit; intermediate results stay in float64.
-- greedy soup (Wortsman et al., 2022; --greedy, with --run): the run's exports in score order; the
-  best alone starts the soup, and each next one joins it only if the dev figure (--metric of --set,
-  computed with embedlib.evaluation) of the uniform average with it does not fall.
+- greedy soup (Wortsman et al., 2022; --greedy, with --run or scored model directories): the sources in
+  score order; the best alone starts the soup, and each next one joins it only if the dev figure
+  (--metric of --set, computed with embedlib.evaluation) of the uniform average with it does not fall.
 A tensor equal in all sources is written back unchanged (an average of identical models is bit for bit
 the model, whatever the weights). Tensors that are not floating point (position-id buffers) must be
 equal in all sources.
 
 Dev figures: when there are evaluation sets (`--sets FILE`, else with --run the run's evaluation.beir
-and evaluation.sets with its evaluation.max_length and batch size) every source and the merge are
-evaluated on them (embedlib.evaluation, no embedding cache, the default compute dtype), unless
---no-eval. The selection figures of eval.jsonl are recorded beside them.
+and evaluation.sets with its evaluation.max_length and batch size; several runs must agree on them) every
+source and the merge are evaluated on them (embedlib.evaluation, no embedding cache, the default compute
+dtype; a scored model directory once), unless --no-eval. The selection figures are recorded beside them.
 
 Refused, one line `error: ...`, exit status 2, before anything is written (the output not even
 created): sources whose files other than weights differ (config.json: architecture, sizes; the
@@ -47,12 +54,14 @@ tokenizer files; modules.json: projection and normalisation; the pooling; the ma
 i.e. instructions; compared as parsed JSON, version stamps aside), whose weight files, tensor names,
 shapes or dtypes differ, or whose non-float tensors differ; weights that are not one per source,
 negative, not finite or all 0; t outside [0, 1]; --t with other than two sources; slerp of one source;
-an output that exists.
+a run given twice; a selection of model directories without --sets (or with --no-eval); an output that
+exists (checked before any evaluation).
 
 Output: an ordinary model directory (the first source's non-weight files, the merged safetensors) that
 sentence-transformers, transformers, Encoder.from_pretrained, the miner and embedlib.evaluation load,
-plus merge.json (sources with path, fingerprint, run and step, score; method, weights, t; the dev
-figures of the sources and the merge) and README.md, a short model card of the same. It is written in
+plus merge.json (sources with path, fingerprint, run and step, score; method, weights, t; the
+selection; the dev figures of the sources and the merge) and README.md, a short model card of the same.
+It is written in
 OUTPUT's parent as `.tmp-merge-<name>-<pid>-<hex>` and published by an atomic rename: a merge killed at
 any moment leaves no OUTPUT, only that directory, which the next merge to the same OUTPUT removes once
 its process is gone.
@@ -99,6 +108,8 @@ _STAMPS = {"transformers_version", "__version__", "_name_or_path", "_commit_hash
 # The figures each category's evaluation gives (embedlib.evaluation), what --metric eval/<name> may name.
 _FIGURES = {"retrieval": ("ndcg@10", "mrr@10", "recall@10", "recall@100"), "sts": ("spearman",),
             "pair_classification": ("cosine_ap",), "classification": ("accuracy",)}
+# --metric for dev figures only: the mean of the category means of the evaluation sets.
+AVERAGE = "average"
 _PARALLEL = 1e-8  # |cos| above 1 - this: slerp falls back to linear
 TMP_PREFIX = ".tmp-merge-"
 # Seconds to sleep after everything is written and before the rename (for the test of a kill mid-write).
@@ -116,7 +127,8 @@ class Source:
     path: Path
     run: Path | None = None
     step: int | None = None
-    score: float | None = None  # the selection figure (--metric of --set) in the run's eval.jsonl
+    score: float | None = None  # the selection figure: --metric of --set in the run's eval.jsonl, or of its dev
+    dev: dict | None = None  # its dev figures (DevSets.figures), once computed to score it
 
 
 @dataclass
@@ -305,40 +317,67 @@ def source_of(path: str | Path) -> Source:
     return source
 
 
-def select_from_run(run: Path, metric: str, set_name: str | None, best_k: int | None) -> list[Source]:
-    """The run's exports on disk with an eval.jsonl figure `metric` of set `set_name`, best first (a tie:
-    the later step first), the best `best_k` of them (None: all)."""
-    if not run.is_dir():
-        raise MergeError(f"--run {run}: {'not a directory' if run.exists() else 'no such directory'}")
-    try:
-        rows = read_run(run).evals
-    except RunLogError as e:
-        raise MergeError(str(e)) from None
-    if not rows:
-        raise MergeError(f"--run {run}: eval.jsonl has no evaluation records to select exports by")
-    sets = list(dict.fromkeys(r.get("set") for r in rows))
+def select_from_runs(runs: list[Path], metric: str, set_name: str | None,
+                     best_k: int | None) -> tuple[list[Source], str | None]:
+    """The exports still on disk of `runs` with an eval.jsonl figure `metric` of set `set_name` (None: the
+    runs' only set), pooled, each scored by its own run's figure, best first (a tie: the later step first,
+    then the run given first), the best `best_k` of them (None: all); and the set's name."""
+    rows_of: dict[Path, list[dict]] = {}
+    for run in runs:
+        if not run.is_dir():
+            raise MergeError(f"--run {run}: {'not a directory' if run.exists() else 'no such directory'}")
+        if any(run.resolve() == seen.resolve() for seen in rows_of):
+            raise MergeError(f"--run {run}: given twice; a run's exports are pooled once")
+        try:
+            rows = read_run(run).evals
+        except RunLogError as e:
+            raise MergeError(str(e)) from None
+        if not rows:
+            raise MergeError(f"--run {run}: eval.jsonl has no evaluation records to select exports by")
+        rows_of[run] = rows
     if set_name is None:
+        sets = list(dict.fromkeys(r.get("set") for rows in rows_of.values() for r in rows))
         if len(sets) > 1:
-            raise MergeError(f"--run {run}: eval.jsonl has the sets {', '.join(map(str, sets))}; choose one with --set")
+            where = f"--run {runs[0]}: eval.jsonl has" if len(runs) == 1 else \
+                f"--run {', '.join(map(str, runs))}: their eval.jsonl files have"
+            raise MergeError(f"{where} the sets {', '.join(map(str, sets))}; choose one with --set")
         set_name = sets[0]
-    elif set_name not in sets:
-        raise MergeError(f"--set {set_name}: not a set of {run}/eval.jsonl (its sets: {', '.join(map(str, sets))})")
-    rows = [r for r in rows if r.get("set") == set_name]
-    scores = {r["step"]: float(r[metric]) for r in rows
-              if isinstance(r.get(metric), (int, float)) and not isinstance(r[metric], bool) and math.isfinite(r[metric])}
-    if not scores:
-        keys = sorted({k for r in rows for k in r if k == "main_score" or k.startswith("eval/")})
-        raise MergeError(f"--metric {metric}: no record of {run}/eval.jsonl has it (it has: {', '.join(keys)})")
-    exports = [e for e in list_exports(run) if e.step in scores]
-    if not exports:
-        raise MergeError(f"--run {run}: none of the evaluated exports (steps {', '.join(map(str, sorted(scores)))}) "
-                         "is still on disk")
-    exports.sort(key=lambda e: (-scores[e.step], -e.step))
+    pooled: list[tuple[Source, int]] = []
+    for order, (run, rows) in enumerate(rows_of.items()):
+        sets = list(dict.fromkeys(r.get("set") for r in rows))
+        if set_name not in sets:
+            raise MergeError(f"--set {set_name}: not a set of {run}/eval.jsonl "
+                             f"(its sets: {', '.join(map(str, sets))})")
+        rows = [r for r in rows if r.get("set") == set_name]
+        scores = {r["step"]: float(r[metric]) for r in rows if isinstance(r.get(metric), (int, float))
+                  and not isinstance(r[metric], bool) and math.isfinite(r[metric])}
+        if not scores:
+            keys = sorted({k for r in rows for k in r if k == "main_score" or k.startswith("eval/")})
+            raise MergeError(f"--metric {metric}: no record of {run}/eval.jsonl has it (it has: {', '.join(keys)})")
+        exports = [e for e in list_exports(run) if e.step in scores]
+        if not exports:
+            raise MergeError(f"--run {run}: none of the evaluated exports (steps "
+                             f"{', '.join(map(str, sorted(scores)))}) is still on disk")
+        pooled += [(Source(path=e.path, run=run, step=e.step, score=scores[e.step]), order) for e in exports]
+    pooled.sort(key=lambda p: (-p[0].score, -p[0].step, p[1]))
     if best_k is not None:
-        if best_k > len(exports):
-            raise MergeError(f"--best-k {best_k}: only {len(exports)} evaluated exports of {run} are on disk")
-        exports = exports[:best_k]
-    return [Source(path=e.path, run=run, step=e.step, score=scores[e.step]) for e in exports]
+        if best_k > len(pooled):
+            raise MergeError(f"--best-k {best_k}: only {len(pooled)} evaluated exports of "
+                             f"{', '.join(map(str, runs))} are on disk")
+        pooled = pooled[:best_k]
+    return [source for source, _ in pooled], set_name
+
+
+def score_sources(sources: list[Source], dev: "DevSets", best_k: int | None) -> list[Source]:
+    """Model directories scored by their dev figures (each evaluated once, kept in Source.dev), best first
+    (a tie: the order given), the best `best_k` of them (None: all)."""
+    if best_k is not None and best_k > len(sources):
+        raise MergeError(f"--best-k {best_k}: only {len(sources)} model directories given")
+    for source in sources:
+        source.dev = dev.figures(source.path)
+        source.score = dev.figure(source.dev)
+    ranked = sorted(sources, key=lambda s: -s.score)  # sorted() is stable: a tie keeps the order given
+    return ranked if best_k is None else ranked[:best_k]
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
@@ -454,7 +493,8 @@ class DevSets:
     batch_size: int = 64
     max_length: int | None = None
     query_instruction: str = ""
-    # The figure greedy soups compare: --metric ("main_score" or "eval/<name>") of the set named here.
+    # The figure greedy soups and scored sources compare: --metric ("main_score" or "eval/<name>") of the
+    # set named here, or "average" (the mean of the category means, no set).
     metric: str = "main_score"
     set_name: str | None = None
 
@@ -470,9 +510,21 @@ class DevSets:
         return {"sets": sets, **category_means(results)}
 
     def figure(self, figures: dict) -> float:
-        """The selection figure of figures(): --metric of --set."""
+        """The selection figure of figures(): --metric of --set, or their average."""
+        if self.metric == AVERAGE:
+            return float(figures["average"])
         row = figures["sets"][self.set_name]
         return float(row[self.metric.removeprefix("eval/")])
+
+
+def runs_sets(runs: list[Path]) -> tuple[list[EvalSet], dict]:
+    """The evaluation sets and options of run_sets, which every run of a sweep must share."""
+    sets, options = run_sets(runs[0])
+    for run in runs[1:]:
+        if run_sets(run) != (sets, options):
+            raise MergeError(f"--run {run}: its evaluation sets or options (config.yaml: evaluation) differ from "
+                             f"{runs[0]}'s; give --sets FILE to measure every export on the same sets")
+    return sets, options
 
 
 def run_sets(run: Path) -> tuple[list[EvalSet], dict]:
@@ -582,7 +634,10 @@ def model_card(output: Path, record: dict) -> str:
               if record.get("fold") and record.get("t") is None else "")]
     selection = record.get("selection")
     if selection:
-        out.append(f"* Selected from the run {_code(selection['run'])} by {_text(selection['metric'])}"
+        runs = selection.get("runs")
+        origin = (f"the run{'s' if len(runs) > 1 else ''} {', '.join(_code(r) for r in runs)}" if runs
+                  else f"the sources given, evaluated on {_code(selection['sets'])}")
+        out.append(f"* Selected from {origin} by {_text(selection['metric'])}"
                    + (f" of {_text(selection['set'])}" if selection.get("set") else "")
                    + (f", best {selection['best_k']}" if selection.get("best_k") else ""))
     header = ["#", "Source", "Step", "Fingerprint", "Weight", *[f"{_text(s)} main score" for s in set_names]]
@@ -613,7 +668,8 @@ def merge(sources: list[Source], output: Path, plan: MergePlan, files: ModelFile
     tmp = output.parent / f"{TMP_PREFIX}{output.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        source_figures = [dev.figures(s.path) for s in sources] if dev else [None] * len(sources)
+        source_figures = [s.dev if s.dev is not None else dev.figures(s.path) for s in sources] if dev \
+            else [None] * len(sources)
         trace = None
         if greedy:
             kept, trace = greedy_soup(sources, files, dev, source_figures[0], tmp.with_name(tmp.name + "-trial"))
@@ -664,17 +720,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="linear", choices=("linear", "slerp"))
     parser.add_argument("--weights", help="one weight per source, comma-separated (normalised to sum 1)")
     parser.add_argument("--t", type=float, help="slerp of two sources: 0 gives the first, 1 the second")
-    parser.add_argument("--run", type=Path, help="merge this run's evaluated exports still on disk")
-    parser.add_argument("--metric", default="main_score", help="with --run: the eval.jsonl figure exports are "
-                                                               "ranked by (main_score or eval/<name>)")
-    parser.add_argument("--set", dest="set_name", help="with --run: the evaluation set of --metric")
-    parser.add_argument("--best-k", type=int, help="with --run: the best K exports")
+    parser.add_argument("--run", dest="runs", type=Path, action="append",
+                        help="merge this run's evaluated exports still on disk; several times: pooled")
+    parser.add_argument("--metric", default="main_score",
+                        help="the figure sources are ranked by: an eval.jsonl key with --run (main_score or "
+                             "eval/<name>), the same of a --sets set or 'average' for scored model directories")
+    parser.add_argument("--set", dest="set_name", help="the evaluation set of --metric")
+    parser.add_argument("--best-k", type=int, help="the best K sources")
     parser.add_argument("--weights-from-scores", action="store_true",
-                        help="with --run: weights proportional to the exports' figures")
+                        help="weights proportional to the sources' figures")
     parser.add_argument("--greedy", action="store_true",
-                        help="with --run: greedy soup, an export joins only if the dev figure does not fall")
+                        help="greedy soup: a source joins only if the dev figure does not fall")
     parser.add_argument("--sets", type=Path, help="evaluation sets (YAML or JSON list, embedlib.evaluation.EvalSet) "
-                                                  "for the dev figures (default with --run: the run's)")
+                                                  "for the dev figures (default with --run: the run's); model "
+                                                  "directories are scored on them for a selection")
     parser.add_argument("--no-eval", action="store_true", help="compute no dev figures")
     parser.add_argument("--batch-size", type=int, default=None, help="of the evaluation (default 64, or the run's)")
     parser.add_argument("--max-length", type=int, default=None, help="of the evaluation (default: the model's, "
@@ -696,18 +755,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> dict:
+    runs = args.runs or []
     selectors = [name for name, given in (("--best-k", args.best_k is not None), ("--greedy", args.greedy),
                                           ("--weights-from-scores", args.weights_from_scores),
                                           ("--set", args.set_name is not None),
                                           ("--metric", args.metric != "main_score")) if given]
-    if args.run is None and selectors:
-        raise MergeError(f"{selectors[0]} selects exports of a run: give --run RUN")
-    if args.run is not None and args.sources:
+    # Model directories with a selection are ranked by their figures on --sets, evaluated here.
+    scored = not runs and bool(selectors)
+    if runs and args.sources:
         raise MergeError("give model directories or --run RUN, not both")
-    if args.run is None and not args.sources:
+    if not runs and not args.sources:
         raise MergeError("nothing to merge: give model directories, or --run RUN")
-    if args.metric != "main_score" and not args.metric.startswith("eval/"):
-        raise MergeError(f"--metric {args.metric}: expected main_score or eval/<name> (an eval.jsonl key)")
+    if scored and args.sets is None:
+        raise MergeError(f"{selectors[0]} ranks sources by a figure: give --run RUN (its eval.jsonl), or --sets "
+                         "FILE to evaluate the model directories on")
+    if args.metric not in ("main_score", AVERAGE) and not args.metric.startswith("eval/"):
+        raise MergeError(f"--metric {args.metric}: expected main_score, eval/<name> or {AVERAGE}")
+    if args.metric == AVERAGE and runs:
+        raise MergeError(f"--metric {AVERAGE} (the mean of the category means of --sets) ranks model directories; "
+                         "with --run give an eval.jsonl key (main_score or eval/<name>)")
+    if args.metric == AVERAGE and args.set_name is not None:
+        raise MergeError(f"--metric {AVERAGE} is over every set: it takes no --set")
     if args.best_k is not None and args.best_k < 1:
         raise MergeError(f"--best-k must be at least 1, got {args.best_k}")
     if args.weights_from_scores and args.weights is not None:
@@ -717,37 +785,32 @@ def _run(args) -> dict:
         raise MergeError("--greedy makes a uniform linear soup: it takes no --method slerp, --weights or --t")
     if args.greedy and args.no_eval:
         raise MergeError("--greedy needs the dev figures that --no-eval turns off")
+    if scored and args.no_eval:
+        raise MergeError(f"{selectors[0]} ranks the model directories by their dev figures, which --no-eval "
+                         "turns off")
     for name in ("batch_size", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < (1 if name == "batch_size" else 2):
             raise MergeError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
 
-    selection = None
-    if args.run is not None:
-        sources = select_from_run(args.run, args.metric, args.set_name, args.best_k)
-        set_name = args.set_name if args.set_name is not None else _only_set(args.run)
-        selection = {"run": str(args.run), "metric": args.metric, "set": set_name, "best_k": args.best_k,
+    selection, files = None, None
+    if runs:
+        sources, set_name = select_from_runs(runs, args.metric, args.set_name, args.best_k)
+        selection = {"runs": [str(r) for r in runs], "sets": None, "metric": args.metric, "set": set_name,
+                     "best_k": args.best_k,
                      "weights_from_scores": "proportional" if args.weights_from_scores else None}
     else:
         sources = [source_of(p) for p in args.sources]
-        set_name = None
-    if len(sources) < 2 and not args.greedy:
+        set_name = args.set_name
+        files = check_compatible(sources)  # all of them, before any is evaluated
+    if len(sources) < 2 and not args.greedy and not scored:  # scored ones: counted once selected
         raise MergeError(f"a merge needs at least two sources, got {len(sources)}")
-    files = check_compatible(sources)
-
-    weights = parse_weights(args.weights) if args.weights is not None else None
-    if args.weights_from_scores:
-        weights = [s.score for s in sources]
-        if any(w <= 0 for w in weights):
-            raise MergeError(f"--weights-from-scores: the figures {weights} are not all positive; proportional "
-                             "weights need positive scores")
-    plan = make_plan(args.method, len(sources), weights, args.t)
 
     dev = None
     if not args.no_eval:
         if args.sets is not None:
             sets, options = read_sets(args.sets), {}
-        elif args.run is not None:
-            sets, options = run_sets(args.run)
+        elif runs:
+            sets, options = runs_sets(runs)
         else:
             sets, options = [], {}
         for spec in sets:
@@ -757,25 +820,50 @@ def _run(args) -> dict:
             options["batch_size"] = args.batch_size
         if args.max_length is not None:
             options["max_length"] = args.max_length
+        if scored and set_name is None and args.metric != AVERAGE:
+            if len(sets) > 1:
+                raise MergeError(f"--sets {args.sets} has the sets {', '.join(s.name for s in sets)}: choose the "
+                                 f"set of --metric with --set, or rank by --metric {AVERAGE}")
+            set_name = sets[0].name
         if sets:
             dev = DevSets(sets=sets, data=[load_set(s) for s in sets], metric=args.metric, set_name=set_name, **options)
-    if args.greedy:
-        if dev is None:
-            raise MergeError(f"--greedy needs evaluation sets: give --sets FILE ({args.run}/config.yaml has none)")
-        spec = next((s for s in dev.sets if s.name == dev.set_name), None)
-        if spec is None:
-            raise MergeError(f"--greedy: the set {dev.set_name!r} of --metric is not among the evaluation sets "
-                             f"({', '.join(s.name for s in dev.sets)})")
-        if args.metric != "main_score" and args.metric.removeprefix("eval/") not in _FIGURES[spec.category]:
-            raise MergeError(f"--greedy: --metric {args.metric} is not a figure of the {spec.category} set "
-                             f"{spec.name!r} ({', '.join('eval/' + f for f in _FIGURES[spec.category])})")
-    check_output(args.output)
+    if args.greedy and dev is None:
+        raise MergeError(f"--greedy needs evaluation sets: give --sets FILE ({runs[0]}/config.yaml has none)")
+    if args.greedy or scored:
+        _check_figure(dev, "--greedy" if args.greedy else selectors[0])
+    check_output(args.output)  # before the evaluations below: a refusal costs nothing
+
+    if scored:
+        sources = score_sources(sources, dev, args.best_k)
+        selection = {"runs": None, "sets": str(args.sets), "metric": args.metric,
+                     "set": None if args.metric == AVERAGE else set_name, "best_k": args.best_k,
+                     "weights_from_scores": "proportional" if args.weights_from_scores else None}
+    if len(sources) < 2 and not args.greedy:
+        raise MergeError(f"a merge needs at least two sources, got {len(sources)}")
+    if files is None:
+        files = check_compatible(sources)
+
+    weights = parse_weights(args.weights) if args.weights is not None else None
+    if args.weights_from_scores:
+        weights = [s.score for s in sources]
+        if any(w <= 0 for w in weights):
+            raise MergeError(f"--weights-from-scores: the figures {weights} are not all positive; proportional "
+                             "weights need positive scores")
+    plan = make_plan(args.method, len(sources), weights, args.t)
     return merge(sources, args.output, plan, files, dev=dev, greedy=args.greedy, selection=selection)
 
 
-def _only_set(run: Path) -> str | None:
-    """The one set name of a run's eval.jsonl (select_from_run has refused several)."""
-    return next((r.get("set") for r in read_run(run).evals), None)
+def _check_figure(dev: DevSets, option: str) -> None:
+    """The figure `option` compares (--metric of --set) is one the evaluation sets give."""
+    if dev.metric == AVERAGE:
+        return
+    spec = next((s for s in dev.sets if s.name == dev.set_name), None)
+    if spec is None:
+        raise MergeError(f"{option}: the set {dev.set_name!r} of --metric is not among the evaluation sets "
+                         f"({', '.join(s.name for s in dev.sets)})")
+    if dev.metric != "main_score" and dev.metric.removeprefix("eval/") not in _FIGURES[spec.category]:
+        raise MergeError(f"{option}: --metric {dev.metric} is not a figure of the {spec.category} set "
+                         f"{spec.name!r} ({', '.join('eval/' + f for f in _FIGURES[spec.category])})")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def test_other_architectures_and_unequal_buffers_are_refused(tmp_path, capsys, e
     (["--method", "slerp", "--t", "0.5"], 3, "--t needs exactly two sources"),
     (["--t", "0.5"], 2, "--t applies to --method slerp only"),
     (["--method", "slerp"], 1, "needs at least two sources"),
-    (["--best-k", "2"], 2, "--best-k selects exports of a run: give --run RUN"),
+    (["--best-k", "2"], 2, "--best-k ranks sources by a figure: give --run RUN (its eval.jsonl), or --sets FILE"),
 ])
 def test_bad_options_are_refused_and_nothing_written(tmp_path, capsys, exports, options, count, expected):
     sources = [exports["a"], exports["b"], exports["c"]][:count]
@@ -268,22 +268,26 @@ def _write_export(tmp: Path, source: Path, adapter: bool = False, ema: bool = Fa
         shutil.copytree(source, tmp / "ema")
 
 
+def make_run(run: Path, exported: dict[int, Path], rows: list[tuple[int, float]], sts_file: Path,
+             set_name: str = "tiny-sts") -> Path:
+    """A run with an export of each step (a model directory) and eval.jsonl rows (step, figure) by hand."""
+    from embedlib.exports import publish_export
+
+    for step, model in exported.items():
+        publish_export(run, step, lambda tmp, model=model, step=step: _write_export(tmp, model, step == 30, step == 20))
+    (run / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "set": set_name, "category": "sts", "main_score": score, "eval/spearman": score,
+                    "eval/num_pairs": 8}) + "\n" for step, score in rows))
+    (run / "config.yaml").write_text(json.dumps({"run_dir": str(run), "evaluation": {
+        "sets": [{"name": set_name, "category": "sts", "path": str(sts_file)}], "batch_size": 4}}))
+    return run
+
+
 @pytest.fixture
 def run_dir(tmp_path, exports, sts_file):
     """A run with exports at steps 10, 20, 30 (step 5's was removed) and eval.jsonl rows written by hand."""
-    from embedlib.exports import publish_export
-
-    run = tmp_path / "run"
-    for step, name in ((10, "a"), (20, "b"), (30, "c")):
-        publish_export(run, step, lambda tmp, name=name, step=step: _write_export(tmp, exports[name], step == 30,
-                                                                                  step == 20))
-    rows = [(5, 0.9), (10, 0.3), (20, 0.5), (30, 0.4)]
-    (run / "eval.jsonl").write_text("".join(
-        json.dumps({"step": step, "set": "tiny-sts", "category": "sts", "main_score": score, "eval/spearman": score,
-                    "eval/num_pairs": 8}) + "\n" for step, score in rows))
-    (run / "config.yaml").write_text(json.dumps({"run_dir": str(run), "evaluation": {
-        "sets": [{"name": "tiny-sts", "category": "sts", "path": str(sts_file)}], "batch_size": 4}}))
-    return run
+    return make_run(tmp_path / "run", {10: exports["a"], 20: exports["b"], 30: exports["c"]},
+                    [(5, 0.9), (10, 0.3), (20, 0.5), (30, 0.4)], sts_file)
 
 
 def test_the_best_exports_of_a_run_by_its_eval_records(tmp_path, capsys, run_dir):
@@ -346,10 +350,99 @@ def test_a_greedy_soup_adds_an_export_only_if_the_dev_figure_does_not_fall(tmp_p
     assert "greedy soup" in card and "tiny-sts main score" in card and f"{best:.4f}" in card
 
 
+def test_several_runs_are_pooled_each_export_scored_by_its_own_run(tmp_path, capsys, run_dir, exports, sts_file):
+    """A seed sweep: run_dir (steps 10, 20, 30: 0.3, 0.5, 0.4) and a second run (steps 10, 20: 0.45, 0.5)."""
+    other = make_run(tmp_path / "seed2", {10: exports["c"], 20: exports["a"]}, [(10, 0.45), (20, 0.5)], sts_file)
+    rc, err = run_merge(capsys, "--output", tmp_path / "best3", "--run", run_dir, "--run", other, "--best-k", "3",
+                        "--no-eval")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "best3" / MERGE_JSON).read_text())
+    # 0.5 at step 20 in both runs: a tie, the run given first first; then seed2's 0.45.
+    assert [(s["run"], s["step"], s["score"]) for s in record["sources"]] == [
+        (str(run_dir), 20, 0.5), (str(other), 20, 0.5), (str(other), 10, 0.45)]
+    assert record["selection"]["runs"] == [str(run_dir), str(other)] and record["weights"] == [1 / 3] * 3
+    for key, tensor in weights(tmp_path / "best3").items():  # b, a and c: the uniform soup of the three
+        by_hand = sum(weights(exports[n])[key].double() for n in "bac") / 3
+        torch.testing.assert_close(tensor, by_hand.float(), rtol=1.2e-7, atol=1e-12)
+    assert "the runs `" in (tmp_path / "best3" / "README.md").read_text()
+
+    # The runs' own sets are the dev sets (they agree); a greedy soup over the pool evaluates on them.
+    rc, err = run_merge(capsys, "--output", tmp_path / "greedy", "--run", run_dir, "--run", other, "--greedy")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "greedy" / MERGE_JSON).read_text())
+    assert len(record["sources"]) == 5 and all(s["dev"]["sets"]["tiny-sts"] for s in record["sources"])
+
+    elsewhere = make_run(tmp_path / "seed3", {10: exports["a"]}, [(10, 0.2)], sts_file, set_name="other-sts")
+    for argv, expected in (
+            (["--run", run_dir, "--run", run_dir], "given twice"),
+            (["--run", run_dir, "--run", elsewhere],
+             "their eval.jsonl files have the sets tiny-sts, other-sts; choose one"),
+            (["--run", run_dir, "--run", elsewhere, "--set", "tiny-sts"], f"--set tiny-sts: not a set of {elsewhere}"),
+            (["--run", run_dir, "--run", other, "--best-k", "6"], "only 5 evaluated exports"),
+            (["--run", run_dir, "--metric", "average"], "ranks model directories")):
+        rc, err = run_merge(capsys, "--output", tmp_path / "x", *argv)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    # Runs whose evaluation sets differ cannot share dev figures without --sets.
+    (elsewhere / "eval.jsonl").write_text(json.dumps({"step": 10, "set": "tiny-sts", "main_score": 0.2}) + "\n")
+    rc, err = run_merge(capsys, "--output", tmp_path / "x", "--run", run_dir, "--run", elsewhere, "--best-k", "2")
+    assert rc == 2 and "evaluation sets or options (config.yaml: evaluation) differ" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_directories_are_scored_on_the_sets_then_selected(tmp_path, capsys, exports, sts_file):
+    from embedlib import evaluation
+
+    sources = [exports["a"], exports["b"], exports["c"]]
+    figures = []
+    for source in sources:  # what embedlib.evaluation gives each, the figure the merge must rank by
+        capsys.readouterr()
+        assert evaluation.main(["--model", str(source), "--sts", str(sts_file), "--no-progress",
+                                "--batch-size", "4"]) == 0
+        figures.append(json.loads(capsys.readouterr().out)["sts"]["spearman"])
+    order = sorted(range(3), key=lambda i: -figures[i])
+    sets = tmp_path / "sets.yaml"
+    sets.write_text(f"- {{name: tiny-sts, category: sts, path: {sts_file}}}\n")
+    rc, err = run_merge(capsys, "--output", tmp_path / "best2", "--sets", sets, "--best-k", "2",
+                        "--weights-from-scores", "--batch-size", "4", *sources)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "best2" / MERGE_JSON).read_text())
+    assert [s["path"] for s in record["sources"]] == [str(sources[i]) for i in order[:2]]
+    assert [s["score"] for s in record["sources"]] == pytest.approx([figures[i] for i in order[:2]], abs=1e-6)
+    assert [s["dev"]["sets"]["tiny-sts"]["main_score"] for s in record["sources"]] == \
+        [s["score"] for s in record["sources"]]
+    assert record["selection"] == {"runs": None, "sets": str(sets), "metric": "main_score", "set": "tiny-sts",
+                                   "best_k": 2, "weights_from_scores": "proportional"}
+    top = [figures[i] for i in order[:2]]
+    assert record["weights"] == pytest.approx([top[0] / sum(top), top[1] / sum(top)])
+
+    # A greedy soup over model directories, by the average of the category means of two sets.
+    two = tmp_path / "two.yaml"
+    two.write_text(f"- {{name: tiny-sts, category: sts, path: {sts_file}}}\n"
+                   f"- {{name: again, category: sts, path: {sts_file}}}\n")
+    rc, err = run_merge(capsys, "--output", tmp_path / "greedy", "--sets", two, "--metric", "average", "--greedy",
+                        "--batch-size", "4", *sources)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "greedy" / MERGE_JSON).read_text())
+    assert [s["path"] for s in record["sources"]] == [str(sources[i]) for i in order]
+    assert record["greedy"][0]["figure"] == pytest.approx(figures[order[0]], abs=1e-6)
+    assert record["selection"]["metric"] == "average" and record["selection"]["set"] is None
+
+    for argv, expected in (
+            (["--greedy"], "--greedy ranks sources by a figure: give --run RUN (its eval.jsonl), or --sets FILE"),
+            (["--sets", sets, "--best-k", "2", "--no-eval"], "by their dev figures, which --no-eval turns off"),
+            (["--sets", two, "--best-k", "2"], "has the sets tiny-sts, again: choose the set of --metric with --set"),
+            (["--sets", sets, "--best-k", "4"], "--best-k 4: only 3 model directories given"),
+            (["--sets", sets, "--best-k", "2", "--metric", "eval/ndcg@10"], "not a figure of the sts set"),
+            (["--sets", two, "--metric", "average", "--set", "again", "--greedy"], "it takes no --set")):
+        rc, err = run_merge(capsys, "--output", tmp_path / "x", *argv, *sources)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_readme_commands_parse():
     commands = [line for line in (REPO / "README.md").read_text().splitlines()
                 if line.startswith("python -m embedlib.merge ")]
-    assert len(commands) == 4
+    assert len(commands) == 5
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[3:])
-        assert args.output is not None and (args.sources or args.run)
+        assert args.output is not None and (args.sources or args.runs)

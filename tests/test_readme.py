@@ -90,6 +90,8 @@ COVERAGE: dict[str, list[tuple[str, str]]] = {
         ("tests/test_merge.py", "def test_the_best_exports_of_a_run_by_its_eval_records")],
     "python -m embedlib.merge --output runs/my-run-greedy --run runs/my-run --greedy --sets my/dev_sets.yaml": [
         ("tests/test_merge.py", "def test_a_greedy_soup_adds_an_export_only_if_the_dev_figure_does_not_fall")],
+    "python -m embedlib.merge --output runs/sweep-best3 --run runs/seed1 --run runs/seed2 --run runs/seed3 --best-k 3": [
+        ("tests/test_merge.py", "def test_several_runs_are_pooled_each_export_scored_by_its_own_run")],
     ".venv/bin/python bench/gpu_check.py --dry-run --out runs/gpu_check_dry": [
         ("tests/test_gpu_check.py", "def test_dry_run_runs_every_section_on_the_cpu")],
 }
