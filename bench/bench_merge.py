@@ -210,9 +210,13 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
     for seed in args.seeds:
         run_dir = args.out / f"seed{seed}"
         row = run_dir / "row.json"
-        if args.force or not row.exists() or json.loads(row.read_text()).get("status") != "completed":
+        done = json.loads(row.read_text()) if row.exists() else {}
+        if args.force or done.get("status") != "completed":
             print(f"bench_merge: seed {seed}", flush=True)
             train_seed(args, seed, run_dir, env, has_gpu, dtype)
+        elif (done["steps"], done.get("ema_decay"), done.get("model")) != (args.steps, args.ema_decay, args.model):
+            raise SystemExit(f"bench_merge: {row} was trained with {done['steps']} steps, train.ema "
+                             f"{done.get('ema_decay')}, model {done.get('model')}; use another --out, or --force")
         export = latest_export(run_dir)
         if export is None or export.step < args.steps or not (export.path / "ema").is_dir():
             raise SystemExit(f"bench_merge: no export of step {args.steps} with its ema/ in {run_dir}/exports")
@@ -270,8 +274,8 @@ def train_seed(args: argparse.Namespace, seed: int, run_dir: Path, env: dict, ha
         shutil.rmtree(run_dir)
     (run_dir / "logs").mkdir(parents=True)
     data = {"path": SCIFACT / "pairs.train.jsonl.gz", "corpus": SCIFACT / "corpus.jsonl.gz"}
-    record: dict = {"seed": seed, "steps": args.steps, "run_dir": str(run_dir), "commands": {}, "seconds": {},
-                    "torch": torch.__version__}
+    record: dict = {"seed": seed, "steps": args.steps, "ema_decay": args.ema_decay, "model": args.model,
+                    "run_dir": str(run_dir), "commands": {}, "seconds": {}, "torch": torch.__version__}
     run_stage(run_dir, record, "mine", env, [
         sys.executable, "-m", "mining", "mine", "--model", args.model, "--corpus", str(data["corpus"]),
         "--queries", str(data["path"]), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
