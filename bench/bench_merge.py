@@ -226,7 +226,9 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
 
     merges = args.out / "merges"
     sources = [str(finals[s]) for s in args.seeds]
-    evaluation = ["--max-length", str(args.max_length)]
+    # One embedding cache for mining and every evaluation: a model scored on the selection half by the
+    # greedy soup and later on the report half encodes the SciFact corpus once.
+    evaluation = ["--max-length", str(args.max_length), "--dtype", dtype, "--cache-dir", str(args.out / "cache")]
     plans = {
         "uniform": ["--no-eval", *sources],
         "greedy": ["--greedy", "--sets", data["sets"]["select"], "--metric", "average", *evaluation, *sources],
@@ -252,7 +254,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"bench_merge: evaluate {name}", flush=True)
         run_stage(args.out, record, f"evaluate/{name}", env, [
             sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--sets", data["sets"]["report"],
-            "--max-length", str(args.max_length), "--dtype", dtype, "--per-query", "--no-progress",
+            "--max-length", str(args.max_length), "--dtype", dtype, "--cache-dir", str(args.out / "cache"),
+            "--per-query", "--no-progress",
             "--output", str(output)])
     record["status"] = "completed"
     atomic_write_json(record_path, record)

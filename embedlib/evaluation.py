@@ -736,7 +736,7 @@ def evaluate_model(model: str | Path, *, beir: str | Path | None = None, split: 
     for spec, data in zip(specs, loaded):
         cache = None
         if spec.category == "retrieval" and cache_dir is not None:
-            cache = _cache_entry(cache_dir, encoder, root, data, compute_dtype)
+            cache = corpus_cache_entry(cache_dir, encoder, root, data, compute_dtype)
             caches.append(cache)
         results.append(evaluate_set(encoder, spec, data, batch_size=batch_size, query_instruction=query_instruction,
                                     show_progress=show_progress, dtype=compute_dtype, per_query=per_query,
@@ -762,7 +762,7 @@ def _check_cache_dir(path: Path) -> None:
             return
 
 
-def _cache_entry(cache_dir, encoder, root: Path, split: BeirSplit, compute_dtype):
+def corpus_cache_entry(cache_dir, encoder, root: Path, split: BeirSplit, compute_dtype):
     """The cache entry of this model, corpus, max length and compute dtype, keyed as the miner keys it."""
     from embedlib.embedding_cache import EmbeddingCache, dtype_name
     from embedlib.encoder import model_fingerprint

@@ -45,8 +45,9 @@ equal in all sources.
 
 Dev figures: when there are evaluation sets (`--sets FILE`, else with --run the run's evaluation.beir
 and evaluation.sets with its evaluation.max_length and batch size; several runs must agree on them) every
-source and the merge are evaluated on them (embedlib.evaluation, no embedding cache, the default compute
-dtype; a scored model directory once), unless --no-eval. The selection figures are recorded beside them.
+source and the merge are evaluated on them (embedlib.evaluation, in --dtype, with the embedding cache of
+--cache-dir if given; a scored model directory once), unless --no-eval. The selection figures are
+recorded beside them.
 
 Refused, one line `error: ...`, exit status 2, before anything is written (the output not even
 created): sources whose files other than weights differ (config.json: architecture, sizes; the
@@ -87,8 +88,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from embedlib.atomic import atomic_write_bytes, atomic_write_json, publish_dir
-from embedlib.evaluation import (EvalSet, EvaluationError, category_means, check_set, check_set_names, evaluate_set,
-                                 flag_sets, load_set, read_sets)
+from embedlib.evaluation import (ENCODE_DTYPES, EvalSet, EvaluationError, category_means, check_set, check_set_names,
+                                 corpus_cache_entry, encode_dtype, evaluate_set, flag_sets, load_set, read_sets)
 from embedlib.exports import MARKER, list_exports, read_export_marker
 from embedlib.records import RecordError
 from embedlib.rundir import EXPORTS, utc_now
@@ -497,14 +498,27 @@ class DevSets:
     # set named here, or "average" (the mean of the category means, no set).
     metric: str = "main_score"
     set_name: str | None = None
+    # Encoding of the evaluation: its compute dtype (embedlib.evaluation's --dtype), and the embedding cache
+    # the retrieval corpora's embeddings are read from and added to (a model evaluated again, on another
+    # half of a dev split, say, encodes its corpus once); None: no cache.
+    dtype: str = "auto"
+    cache_dir: Path | None = None
 
     def figures(self, model_dir: Path) -> dict:
         """{"sets": {name: {"category", "main_score", <metric>: value, ...}}, "categories", "average"}."""
         from embedlib.encoder import Encoder
 
         encoder = Encoder.from_pretrained(model_dir, max_length=self.max_length)
+        compute_dtype = encode_dtype(self.dtype)
+
+        def cache(spec, data):
+            if self.cache_dir is None or spec.category != "retrieval":
+                return None
+            return corpus_cache_entry(self.cache_dir, encoder, Path(model_dir), data, compute_dtype)
+
         results = [evaluate_set(encoder, spec, data, batch_size=self.batch_size, query_instruction=self.query_instruction,
-                                show_progress=False) for spec, data in zip(self.sets, self.data)]
+                                show_progress=False, dtype=compute_dtype, cache=cache(spec, data))
+                   for spec, data in zip(self.sets, self.data)]
         sets = {r["set"]: {"category": r["category"], "main_score": r["main_score"],
                            **{k: v for k, v in r["metrics"].items() if not k.startswith("num_")}} for r in results}
         return {"sets": sets, **category_means(results)}
@@ -738,6 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="of the evaluation (default 64, or the run's)")
     parser.add_argument("--max-length", type=int, default=None, help="of the evaluation (default: the model's, "
                                                                      "or the run's)")
+    parser.add_argument("--dtype", choices=ENCODE_DTYPES, default="auto",
+                        help="compute dtype of the evaluation (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="embedding cache of the evaluation (as embedlib.evaluation's): a model's corpus "
+                             "embeddings found there are not encoded again, and new ones are added")
     return parser
 
 
@@ -820,6 +839,7 @@ def _run(args) -> dict:
             options["batch_size"] = args.batch_size
         if args.max_length is not None:
             options["max_length"] = args.max_length
+        options.update(dtype=args.dtype, cache_dir=args.cache_dir)
         if scored and set_name is None and args.metric != AVERAGE:
             if len(sets) > 1:
                 raise MergeError(f"--sets {args.sets} has the sets {', '.join(s.name for s in sets)}: choose the "

@@ -446,3 +446,25 @@ def test_the_readme_commands_parse():
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[3:])
         assert args.output is not None and (args.sources or args.runs)
+
+
+def test_dev_figures_through_the_embedding_cache_equal_those_without(tmp_path, capsys, exports):
+    """--cache-dir: each model's corpus embeddings go to the cache once (a greedy soup's trials and
+    sources included), and the figures are those of an evaluation without it."""
+    from test_evaluation_cli import write_beir
+
+    beir = write_beir(tmp_path / "beir")
+    sets = tmp_path / "sets.yaml"
+    sets.write_text(f"- {{name: tiny-beir, category: retrieval, path: {beir}}}\n")
+    sources = [exports["a"], exports["b"], exports["c"]]
+    records = {}
+    for name, extra in (("plain", []), ("cached", ["--cache-dir", tmp_path / "cache"])):
+        rc, err = run_merge(capsys, "--output", tmp_path / name, "--sets", sets, "--metric", "average", "--greedy",
+                            "--batch-size", "4", "--dtype", "float32", *extra, *sources)
+        assert rc == 0, err
+        records[name] = json.loads((tmp_path / name / MERGE_JSON).read_text())
+    assert records["cached"]["greedy"] == records["plain"]["greedy"]
+    assert [s["dev"] for s in records["cached"]["sources"]] == [s["dev"] for s in records["plain"]["sources"]]
+    assert records["cached"]["dev"] == records["plain"]["dev"]
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) >= 3  # the sources' at least (trials that equal the final soup share its entry)
