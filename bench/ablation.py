@@ -23,9 +23,9 @@ Mixes (OUT/data, made once from ../shared/data with --split-seed; nothing is tun
       (stsb_en/train.tsv; dev: the official dev.tsv). Ranks: 3 retrieval, 1 STS-B.
 
 Each row trains in OUT/<row>_seed<S>/ (its record row.json, with wall times and exact commands, and
-eval.json: every dev set with each query's and pair's figures); a completed row is not run again. The
-table (OUT/table.md, OUT/table.json, OUT/ablation.png) has per category the mean over seeds, the seed
-spread, and each row's paired bootstrap interval against vanilla: queries and pairs resampled, the same
+eval.json: every dev set with each query's and pair's figures); a completed row is not run again (one
+trained with other --steps is refused). The table (OUT/table.md, OUT/table.json, OUT/ablation.png) has
+per category the mean over seeds, the seed spread, and each row's paired bootstrap interval against vanilla: queries and pairs resampled, the same
 draw for both rows, the row's and vanilla's figures averaged over their common seeds. OUT/report/ holds
 the run report of the conan, cbb and dhnm rows of the first seed overlaid (the paper's Fig. 2: the
 negatives' scores with and without the rule; Fig. 4: the CBB loss against a random task per step).
@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     p.add_argument("--table", action="store_true", help="only write the table and figures of the rows on disk")
     p.add_argument("--force", action="store_true", help="run the chosen rows again even where completed")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained row")
+    # 70: a row within about 15 minutes on 2 cores (4 ranks: a retrieval step about 10 s, an STS step 7.5 s).
+    p.add_argument("--steps", type=int, default=70, help="optimizer steps of every trained row")
     p.add_argument("--batch-size", type=int, default=8, help="retrieval queries per rank and step")
     p.add_argument("--sts-batch-size", type=int, default=32, help="STS pairs per rank and step")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text: mining, training, evaluation")
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in args.rows:
             for seed in ([None] if row == "zero-shot" else args.seeds):
                 record = args.out / row_name(row, seed) / "row.json"
-                if record.exists() and json.loads(record.read_text()).get("status") == "completed" and not args.force:
+                done = json.loads(record.read_text()) if record.exists() else {}
+                if done.get("status") == "completed" and not args.force:
+                    if row != "zero-shot" and done["steps"] != args.steps:  # never a table of two budgets
+                        raise SystemExit(f"ablation: {record.parent} was trained {done['steps']} steps, not "
+                                         f"{args.steps}; use another --out, or --force")
                     continue
                 print(f"ablation {args.mix}: {row_name(row, seed)}", flush=True)
                 run_row(args, mix, row, seed, argv)

@@ -113,3 +113,14 @@ def test_table_means_spread_and_paired_intervals(tmp_path):
     assert table["order"] == ["zero-shot", "vanilla", "cbb_gathered"]
     assert "| cbb_gathered | 1, 2 |" in text and (out / "table.md").read_text() == text
     assert (out / "ablation.png").stat().st_size > 0
+
+
+def test_a_completed_row_of_another_budget_is_refused_not_mixed_in(tmp_path):
+    fake_shared_data(tmp_path / "shared")
+    ablation.prepare_mix(args_for(tmp_path))
+    run = tmp_path / "out" / "vanilla_seed1"
+    run.mkdir()
+    (run / "row.json").write_text(json.dumps({"row": "vanilla", "seed": 1, "steps": 100, "status": "completed"}))
+    with pytest.raises(SystemExit, match="was trained 100 steps, not 70"):
+        ablation.main(["--mix", "zh", "--shared-data", str(tmp_path / "shared"), "--out", str(tmp_path / "out"),
+                       "--dev-queries", "6", "--dev-pairs", "10", "--rows", "vanilla", "--seeds", "1"])
