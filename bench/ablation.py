@@ -25,8 +25,9 @@ Mixes (OUT/data, made once from ../shared/data with --split-seed; nothing is tun
 Each row trains in OUT/<row>_seed<S>/ (its record row.json, with wall times and exact commands, and
 eval.json: every dev set with each query's and pair's figures); a completed row is not run again (one
 trained with other --steps is refused). The table (OUT/table.md, OUT/table.json, OUT/ablation.png) has
-per category the mean over seeds, the seed spread, and each row's paired bootstrap interval against vanilla: queries and pairs resampled, the same
-draw for both rows, the row's and vanilla's figures averaged over their common seeds. OUT/report/ holds
+per category the mean over seeds, the seed spread, and each row's paired bootstrap interval against
+vanilla: queries and pairs resampled, the same draw for both rows, the row's and vanilla's figures
+averaged over their common seeds. OUT/report/ holds
 the run report of the conan, cbb and dhnm rows of the first seed overlaid (the paper's Fig. 2: the
 negatives' scores with and without the rule; Fig. 4: the CBB loss against a random task per step).
 """
