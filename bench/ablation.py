@@ -358,15 +358,17 @@ def load_rows(out: Path) -> dict[str, dict[int | None, dict]]:
         if record.get("status") != "completed":
             continue
         found.setdefault(record["row"], {})[record["seed"]] = {
-            "record": record, "sets": per_item(json.loads((record_path.parent / "eval.json").read_text()), out)}
+            "record": record, "sets": per_item(json.loads((record_path.parent / "eval.json").read_text()),
+                                                  out / "data" / "sets.json")}
     return found
 
 
-def per_item(results: dict, out: Path) -> dict:
+def per_item(results: dict, sets_file: Path) -> dict:
     """Each dev set's per-item figures: retrieval, each query's nDCG@10 (by query id, sorted); STS and pair
-    classification, each pair's cosine with the pair's labels (read from the mix's dev file)."""
+    classification, each pair's cosine with the pair's labels (read from the set's file in `sets_file`)."""
     from embedlib.evaluation import read_pair_labels, read_sts
 
+    specs = {s["name"]: s for s in json.loads(sets_file.read_text())}
     sets = {}
     for result in results["sets"]:
         metrics = result["metrics"]
@@ -374,9 +376,8 @@ def per_item(results: dict, out: Path) -> dict:
             per_query = metrics["per_query"]
             sets[result["set"]] = ("retrieval", np.array([per_query[q]["ndcg@10"] for q in sorted(per_query)]), None)
         else:
-            spec = next(s for s in json.loads((out / "data" / "sets.json").read_text()) if s["name"] == result["set"])
             read = read_sts if result["category"] == "sts" else read_pair_labels
-            labels = np.array([p.score for p in read(spec["path"])], dtype=np.float64)
+            labels = np.array([p.score for p in read(specs[result["set"]]["path"])], dtype=np.float64)
             sets[result["set"]] = (result["category"], np.array(metrics["per_pair_cosine"]), labels)
     return sets
 

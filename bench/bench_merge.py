@@ -55,14 +55,13 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from ablation import paired_interval, summary  # noqa: E402
+from ablation import paired_interval, per_item, summary  # noqa: E402
 from embedlib.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from scripts.launch import child_env, has_bf16, trainer_command, trainer_env  # noqa: E402
@@ -310,24 +309,6 @@ def run_stage(root: Path, record: dict, stage: str, env: dict, cmd: list[str], r
 
 
 # ---- the table ---------------------------------------------------------------------------------------------
-
-
-def per_item(results: dict, sets_file: Path) -> dict:
-    """Each report set's per-item figures in bench/ablation.py's layout: retrieval, each query's nDCG@10 (by
-    query id, sorted); STS, each pair's cosine with the pair's gold score (read from the set's file)."""
-    from embedlib.evaluation import read_sts
-
-    specs = {s["name"]: s for s in json.loads(sets_file.read_text())}
-    sets = {}
-    for result in results["sets"]:
-        metrics = result["metrics"]
-        if result["category"] == "retrieval":
-            per_query = metrics["per_query"]
-            sets[result["set"]] = ("retrieval", np.array([per_query[q]["ndcg@10"] for q in sorted(per_query)]), None)
-        else:
-            labels = np.array([p.score for p in read_sts(specs[result["set"]]["path"])], dtype=np.float64)
-            sets[result["set"]] = (result["category"], np.array(metrics["per_pair_cosine"]), labels)
-    return sets
 
 
 def best_single(out: Path) -> str:

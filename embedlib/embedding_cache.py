@@ -391,14 +391,15 @@ def clean_temporary_files(root: str | os.PathLike) -> list[Path]:
     for dirpath, _, names in os.walk(root):
         for name in names:
             match = _TMP_FILE.match(name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 path = Path(dirpath) / name
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -88,6 +88,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from embedlib.atomic import atomic_write_bytes, atomic_write_json, publish_dir
+from embedlib.embedding_cache import pid_alive
 from embedlib.evaluation import (ENCODE_DTYPES, EvalSet, EvaluationError, category_means, check_set, check_set_names,
                                  corpus_cache_entry, encode_dtype, evaluate_set, flag_sets, load_set, read_sets)
 from embedlib.exports import MARKER, list_exports, read_export_marker
@@ -603,20 +604,10 @@ def remove_stale_tmp(output: Path) -> list[str]:
     removed = []
     for entry in output.parent.iterdir() if output.parent.is_dir() else []:
         match = pattern.match(entry.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def model_card(output: Path, record: dict) -> str:
