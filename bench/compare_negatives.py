@@ -21,13 +21,13 @@ row's mining with the base model, so only the first row pays for it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,10 @@ if str(REPO) not in sys.path:
 from embedlib.atomic import atomic_write_json  # noqa: E402
 from embedlib.exports import latest_export  # noqa: E402
 from embedlib.encoder import resolve_model_dir  # noqa: E402
-from scripts.launch import (child_env, has_bf16, sidecar_command, stop_process, trainer_command,  # noqa: E402
+from scripts.launch import (child_env, has_bf16, run_stage, sidecar_command, stop_process, trainer_command,  # noqa: E402
                              trainer_env)
+
+stage = functools.partial(run_stage, program="compare_negatives")  # each entrypoint as a logged subprocess
 
 RECIPE = REPO / "training" / "recipes" / "quickstart.yaml"
 DATA = REPO / "data" / "scifact"
@@ -109,7 +111,7 @@ def run_row(args: argparse.Namespace, argv: list[str]) -> dict:
     model = base
     if args.row != "zero-shot":
         if args.row in ("b", "c", "d"):
-            run_stage(run_dir, record, "mine", env, [sys.executable, "-m", "mining", "mine", "--model", str(base), "--corpus", str(CORPUS),
+            stage(run_dir, record, "mine", env, [sys.executable, "-m", "mining", "mine", "--model", str(base), "--corpus", str(CORPUS),
                           "--queries", str(PAIRS), "--run-dir", str(run_dir), "--max-length", str(args.max_length),
                           "--encode-dtype", dtype, "--cache-dir", str((args.out / "cache").resolve()),
                           "--no-progress"])
@@ -132,7 +134,7 @@ def evaluate(run_dir: Path, model: Path, env: dict, record: dict, sts: Path | No
     """The dev-split figures of `model`, with each query's (for the paired differences of --table), and
     its STS-B dev Spearman when `sts` is given (what row d's second task is for)."""
     output = run_dir / "eval.json"
-    run_stage(run_dir, record, "evaluate", env,
+    stage(run_dir, record, "evaluate", env,
               [sys.executable, "-m", "embedlib.evaluation", "--model", str(model), "--beir", str(DATA), "--split",
                "dev", *(["--sts", str(sts)] if sts else []), "--max-length", str(record["max_length"]),
                "--dtype", record["encode_dtype"], "--per-query", "--no-progress", "--output", str(output)])
@@ -145,18 +147,6 @@ def evaluate(run_dir: Path, model: Path, env: dict, record: dict, sts: Path | No
     record["status"] = "completed"
     atomic_write_json(run_dir / "row.json", record)
     return record
-
-
-def run_stage(run_dir: Path, record: dict, stage: str, env: dict, cmd: list[str]) -> None:
-    """Run one entrypoint as a subprocess, its output in logs/<stage>.log, its command and time in the record."""
-    record["commands"][stage] = shlex.join(cmd)
-    start = time.perf_counter()
-    with open(run_dir / "logs" / f"{stage}.log", "ab") as log:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    record["seconds"][stage] = round(time.perf_counter() - start, 1)
-    atomic_write_json(run_dir / "row.json", record)
-    if result.returncode != 0:
-        raise SystemExit(f"compare_negatives: {stage} failed ({result.returncode}); see {run_dir}/logs/{stage}.log")
 
 
 def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gpu: bool, record: dict) -> None:
@@ -176,7 +166,7 @@ def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gp
         overrides.append(f"data.1={{name: stsb, kind: sts, path: {args.stsb}, batch_size: {args.batch_size}}}")
     trainer = trainer_command(REPO, RECIPE, overrides, has_gpu)
     if not dynamic:
-        run_stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
+        stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
         return
     # Every version is kept: the table compares the first with the last (first_window_shared).
     cmd = sidecar_command(run_dir, has_gpu, keep_versions=1_000_000)
@@ -184,7 +174,7 @@ def train(args: argparse.Namespace, run_dir: Path, base: Path, env: dict, has_gp
     with open(run_dir / "logs" / "sidecar.log", "ab") as log:
         sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        run_stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
+        stage(run_dir, record, "train", trainer_env(env, has_gpu), trainer)
     finally:
         stop_process(sidecar)
 

@@ -4,11 +4,13 @@ lines, stopping the sidecar, and whether bfloat16 encoding pays off."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -84,3 +86,23 @@ def stop_process(process: subprocess.Popen, grace_seconds: float = 60.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def run_stage(root: Path, record: dict, stage: str, env: dict, cmd: list[str], *, program: str,
+              record_name: str = "row.json") -> None:
+    """One entrypoint as a subprocess of the script `program`: its output in ROOT/logs/<stage>.log (a '/' in
+    the stage as '.'), its command and wall seconds in `record`, written to ROOT/<record_name> after it
+    ran; a failure ends the script with one line naming the log."""
+    from embedlib.atomic import atomic_write_json
+
+    record["commands"][stage] = shlex.join(cmd)
+    log_path = root / "logs" / f"{stage.replace('/', '.')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "ab") as log:
+        result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    record["seconds"][stage] = round(time.perf_counter() - start, 1)
+    atomic_write_json(root / record_name, record)
+    if result.returncode != 0:
+        raise SystemExit(f"{program}: {stage} failed ({result.returncode}); see {log_path}")
